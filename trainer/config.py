@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 
 class ConfigError(ValueError):
@@ -248,6 +248,14 @@ def check_combinations(cfg: PlaitConfig, world_size: Optional[int] = None) -> in
             f"the per-rank batch {local} (trainer.batch_size / (dp*grad_accum)) is not divisible by "
             f"parallel.microbatches={p.microbatches}"
         )
+    # Refused until they land (3D parallelism): say so before any rank starts.
+    for key, value, ok in (("parallel.tp", p.tp, 1), ("parallel.pp", p.pp, 1)):
+        if value != ok:
+            raise ConfigError(f"{key}={value}: not available in this version of Plait; allowed: {ok} "
+                              "(data parallelism: parallel.dp_shard / parallel.dp_replicate)")
+    if p.dp_backend == "deepspeed":
+        raise ConfigError("parallel.dp_backend=deepspeed: not available in this version of Plait; "
+                          "allowed: fsdp, ddp")
     stages = p.pp * p.virtual_stages
     if p.pp == 1 and p.virtual_stages > 1:
         raise ConfigError("parallel.virtual_stages > 1 needs parallel.pp > 1")
@@ -283,6 +291,18 @@ def check_combinations(cfg: PlaitConfig, world_size: Optional[int] = None) -> in
 SECTIONS = {f.name for f in dataclasses.fields(PlaitConfig)}
 
 
+def _fields_at(path: str) -> list[str]:
+    node: Any = PlaitConfig
+    for part in path.split("."):
+        hints = {f.name: f for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else {}
+        if part not in hints or not dataclasses.is_dataclass(hints[part].default_factory
+                                                                if hints[part].default_factory is not dataclasses.MISSING
+                                                                else None):
+            return []
+        node = hints[part].default_factory
+    return [f.name for f in dataclasses.fields(node)]
+
+
 def to_schema(cfg: DictConfig | dict) -> PlaitConfig:
     """Merge a composed config onto the schema: unknown keys and wrong types become ConfigError."""
     raw = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
@@ -297,6 +317,10 @@ def to_schema(cfg: DictConfig | dict) -> PlaitConfig:
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or ""
         msg = str(err).split("\n")[0]
+        if isinstance(err, ConfigKeyError) and "." in key:
+            allowed = _fields_at(key.rsplit(".", 1)[0])
+            if allowed:
+                msg = f"unknown key; allowed: {', '.join(allowed)}"
         raise ConfigError(f"{key}: {msg}" if key else msg) from None
     obj = OmegaConf.to_object(merged)
     for key in ("_target_", "name"):

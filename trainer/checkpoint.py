@@ -1,0 +1,262 @@
+"""The one checkpoint format: a DCP directory plus a `plait.json` manifest written last.
+
+    <dir>/step_000001200/   .metadata, *.distcp (torch.distributed.checkpoint), plait.json
+    <dir>/latest            name of the newest complete step directory (moved last)
+
+Saves go to `.tmp-step_*` and are renamed once every rank is done, so a crash at any moment leaves
+the previous checkpoint loadable. Loads reshard (DCP) and refuse bad checkpoints before touching
+any state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+import zlib
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.stateful import Stateful
+
+FORMAT_VERSION = 1
+MANIFEST = "plait.json"
+LATEST = "latest"
+STEP_PREFIX = "step_"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used; the message names the file or keys at fault."""
+
+
+def step_dirname(step: int) -> str:
+    return f"{STEP_PREFIX}{step:09d}"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def file_checksum(path: Path, chunk: int = 1 << 22) -> str:
+    """crc32 of a file's bytes (catches truncation and bit rot at several GB/s)."""
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            crc = zlib.crc32(block, crc)
+    return f"crc32:{crc:08x}"
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for pkg in ("plait", "numpy", "transformers", "deepspeed", "flwr", "ray"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def read_manifest(path: Path) -> dict:
+    """The manifest of a step directory, checked for presence and format version."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    manifest_path = path / MANIFEST
+    if not manifest_path.exists():
+        raise CheckpointError(f"{path}: no {MANIFEST}; not a complete Plait checkpoint (an interrupted save?)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{manifest_path}: not valid JSON ({err})") from None
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{manifest_path}: format_version {version!r} is not supported; this Plait reads version "
+            f"{FORMAT_VERSION}"
+        )
+    return manifest
+
+
+def verify(path: Path, checksums: bool = True) -> list[str]:
+    """Problems found in a checkpoint's files (missing, wrong size, checksum mismatch); [] if sound."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    problems = []
+    for name, info in manifest["files"].items():
+        f = path / name
+        if not f.exists():
+            problems.append(f"{f}: missing")
+        elif f.stat().st_size != info["size"]:
+            problems.append(f"{f}: {f.stat().st_size} bytes, the manifest says {info['size']} (truncated?)")
+        elif checksums and file_checksum(f) != info["checksum"]:
+            problems.append(f"{f}: checksum mismatch (corrupted)")
+    return problems
+
+
+def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Global shape of every tensor stored in a checkpoint, by flattened key."""
+    meta = dcp.FileSystemReader(str(path)).read_metadata()
+    return {k: tuple(v.size) for k, v in meta.state_dict_metadata.items() if hasattr(v, "size")}
+
+
+def stored_keys(path: Path) -> set[str]:
+    return set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+
+
+class Checkpointer:
+    """Save, find and load checkpoints of a run; `group` carries the checkpoint collectives."""
+
+    def __init__(self, directory: str, keep_last: int = 3, meta: Optional[dict] = None,
+                 group: Optional[dist.ProcessGroup] = None):
+        self.dir = Path(directory)
+        self.keep_last = keep_last
+        self.meta = meta or {}
+        self.group = group
+        self.distributed = dist.is_initialized()
+        self.rank = dist.get_rank() if self.distributed else 0
+
+    # ---- finding --------------------------------------------------------------------------
+    def list(self) -> list[Path]:
+        """Complete checkpoints (with a manifest), oldest first."""
+        if not self.dir.is_dir():
+            return []
+        steps = [p for p in self.dir.iterdir() if p.name.startswith(STEP_PREFIX) and (p / MANIFEST).exists()]
+        return sorted(steps)
+
+    def latest(self) -> Optional[Path]:
+        pointer = self.dir / LATEST
+        if pointer.exists():
+            candidate = self.dir / pointer.read_text().strip()
+            if (candidate / MANIFEST).exists():
+                return candidate
+        found = self.list()
+        return found[-1] if found else None
+
+    def resolve(self, resume: str) -> Optional[Path]:
+        """`none` → None; `latest` → newest (error if none); `auto` → newest or None; else a path."""
+        if resume == "none":
+            return None
+        if resume in ("latest", "auto"):
+            found = self.latest()
+            if found is None and resume == "latest":
+                raise CheckpointError(
+                    f"checkpoint.resume=latest but {self.dir} holds no complete checkpoint; "
+                    "use checkpoint.resume=auto to start fresh when there is none"
+                )
+            return found
+        return Path(resume)
+
+    # ---- saving ---------------------------------------------------------------------------
+    def _barrier(self) -> None:
+        if self.distributed:
+            dist.barrier(group=self.group)
+
+    def save(self, step: int, components: dict[str, Stateful], counters: Optional[dict] = None) -> Path:
+        final = self.dir / step_dirname(step)
+        tmp = self.dir / f".tmp-{final.name}"
+        if self.rank == 0:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        self._barrier()
+        start = time.perf_counter()
+        dcp.save(dict(components), storage_writer=dcp.FileSystemWriter(str(tmp)), process_group=self.group)
+        self._barrier()
+        if self.rank == 0:
+            self._finalize(tmp, final, step, components, counters or {}, time.perf_counter() - start)
+        self._barrier()
+        return final
+
+    def _finalize(self, tmp: Path, final: Path, step: int, components: dict, counters: dict,
+                  seconds: float) -> None:
+        files = {f.name: {"size": f.stat().st_size, "checksum": file_checksum(f)}
+                 for f in sorted(tmp.iterdir()) if f.is_file()}
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "counters": {"step": step, **counters},
+            "components": sorted(components),
+            "files": files,
+            "save_seconds": round(seconds, 3),
+            "versions": package_versions(),
+            "argv": sys.argv,
+            **self.meta,
+        }
+        _write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=2, default=str))
+        _fsync_dir(tmp)
+        if final.exists():  # re-saving the same step (e.g. after a resume): replace it whole
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(self.dir)
+        _write_atomic(self.dir / LATEST, final.name + "\n")
+        self._prune()
+
+    def _prune(self) -> None:
+        if self.keep_last <= 0:
+            return
+        for old in self.list()[: -self.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    # ---- loading --------------------------------------------------------------------------
+    def load(self, path: Path, components: dict[str, Stateful], check_checksums: bool = True) -> dict:
+        """Load `components` from `path` (any layout); returns the manifest. Everything is checked
+        before any state changes: files, checksums, component keys, tensor shapes."""
+        path = Path(path)
+        manifest = read_manifest(path)
+        problems = verify(path, checksums=check_checksums)
+        if problems:
+            raise CheckpointError("refusing to load a damaged checkpoint:\n  " + "\n  ".join(problems))
+        missing = sorted(set(components) - set(manifest["components"]))
+        if missing:
+            raise CheckpointError(
+                f"{path}: has no component(s) {', '.join(missing)}; it holds {', '.join(manifest['components'])}"
+            )
+        shapes = tensor_shapes(path)
+        wanted = {name: comp.state_dict() for name, comp in components.items()}
+        mismatched = [
+            f"{key}: checkpoint {shapes[key]} vs run {tuple(t.shape)}"
+            for key, t in _flat_tensors(wanted).items()
+            if key in shapes and tuple(shapes[key]) != tuple(t.shape)
+        ]
+        absent = [k for k in _flat_tensors(wanted) if k not in shapes]
+        if mismatched or absent:
+            lines = mismatched[:20] + [f"{k}: not in the checkpoint" for k in absent[:20]]
+            raise CheckpointError(
+                f"{path} does not fit this run's state ({len(mismatched)} shape mismatch(es), "
+                f"{len(absent)} missing key(s)); is the model config the one it was saved with?\n  "
+                + "\n  ".join(lines)
+            )
+        dcp.load(dict(components), storage_reader=dcp.FileSystemReader(str(path)), process_group=self.group)
+        return manifest
+
+
+def _flat_tensors(tree: Any, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Flatten nested dicts of tensors to DCP's dotted keys (lists are left to DCP)."""
+    out = {}
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            out.update(_flat_tensors(v, f"{prefix}{k}."))
+    elif isinstance(tree, torch.Tensor):
+        out[prefix[:-1]] = tree
+    return out

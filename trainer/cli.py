@@ -1,0 +1,101 @@
+"""`plait`: the Hydra app. Validates the config, then runs the task's `_target_` in-process, spawns
+local ranks, or submits to Slurm. Exit status 2 for a bad config, before anything starts."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+import configs
+from trainer.config import ConfigError, PlaitConfig, as_dict, check_combinations, env_world_size, to_schema
+from trainer.launch import detect_launcher, run_rank, spawn_local
+
+CONFIG_DIR = str(Path(configs.__file__).parent)
+EXIT_BAD_INPUT = 2
+_composed = False  # set once Hydra has composed a config: errors before that are config errors
+
+
+def fail(message: str) -> None:
+    print(f"plait: error: {message}", file=sys.stderr)
+    raise SystemExit(EXIT_BAD_INPUT)
+
+
+def save_resolved(cfg: PlaitConfig) -> None:
+    """The resolved config next to the run's outputs (Hydra's .hydra/ keeps the unresolved one)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    tmp = Path(cfg.run_dir) / ".config.yaml.tmp"
+    tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(as_dict(cfg))))
+    os.replace(tmp, Path(cfg.run_dir) / "config.yaml")
+
+
+def preflight(cfg: PlaitConfig) -> None:
+    """Checks on the run directory that must not wait for ranks to start."""
+    from trainer.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(cfg.checkpoint.dir)
+    latest = ckpt.latest()
+    if cfg.checkpoint.resume == "none" and latest is not None:
+        fail(f"{cfg.checkpoint.dir} already holds checkpoints (latest: {latest.name}); pass "
+             "checkpoint.resume=latest to continue that run, or a new name=... to start another")
+    if cfg.checkpoint.resume == "latest" and latest is None:
+        fail(f"checkpoint.resume=latest but {cfg.checkpoint.dir} holds no complete checkpoint; "
+             "use checkpoint.resume=auto to start fresh when there is none")
+
+
+def launch(raw: DictConfig) -> None:
+    try:
+        cfg = to_schema(raw)
+        world = check_combinations(cfg, env_world_size())
+    except ConfigError as err:
+        fail(f"bad config: {err}")
+    cfg_dict = as_dict(cfg)
+    launcher = detect_launcher()
+    if int(os.environ.get("RANK", "0")) == 0:
+        preflight(cfg)
+    if cfg.launcher.name == "slurm" and launcher is None:
+        from trainer.slurm import sbatch_script, submit, wait_and_report
+
+        folder = str(Path(cfg.run_dir) / "slurm")
+        if cfg.launcher.dry_run:
+            print(sbatch_script(cfg.launcher, folder, cfg.name, world))
+            return
+        save_resolved(cfg)
+        job = submit(cfg.launcher, run_rank, (cfg_dict,), folder, cfg.name, world)
+        print(f"plait: submitted Slurm job {job.job_id} ({cfg.launcher.nodes} node(s), {world} task(s)); "
+              f"logs in {folder}")
+        if cfg.launcher.wait:
+            wait_and_report(job)
+        return
+    save_resolved(cfg)
+    if launcher is None and world > 1:
+        spawn_local(world, cfg_dict)
+    else:
+        run_rank(cfg_dict)
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="plait", version_base="1.3")
+def hydra_entry(raw: DictConfig) -> None:
+    global _composed
+    _composed = True
+    launch(raw)
+
+
+def main() -> None:
+    try:
+        hydra_entry()
+    except SystemExit as exit_:
+        # Hydra reports composition errors (unknown key, missing group option, bad override) with
+        # status 1 before our function runs: those are bad input too.
+        if exit_.code == 1 and not _composed:
+            raise SystemExit(EXIT_BAD_INPUT) from None
+        raise
+
+
+if __name__ == "__main__":
+    main()

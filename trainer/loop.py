@@ -1,0 +1,183 @@
+"""The language-model training loop: accumulate, clip, step, evaluate, sample, checkpoint, log."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from parallel.grad import clip_grad_norm
+from trainer.checkpoint import Checkpointer
+from trainer.config import PlaitConfig
+from trainer.metrics import MetricLogger, memory_gib
+from trainer.state import Progress
+
+
+@dataclass
+class LoopParts:
+    """What a task hands the loop; `model` is what forward runs (possibly wrapped by DDP)."""
+
+    model: nn.Module
+    parts: list[nn.Module]  # the unwrapped modules whose parameters this rank owns
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    train: Iterator  # yields (inputs, targets); Stateful
+    make_val: Callable[[], Iterator]  # a fresh, deterministic held-out iterator
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    sample_fn: Optional[Callable[[int], str]]  # step -> generated text (runs on every rank)
+    flops_per_token: float
+    peak_flops: float
+    dp_group: Optional[dist.ProcessGroup]
+    checkpointer: Optional[Checkpointer]
+    components: dict  # name -> Stateful, what a checkpoint holds
+
+
+class TrainLoop:
+    def __init__(self, cfg: PlaitConfig, parts: LoopParts, device: torch.device, progress: Progress,
+                 logger: MetricLogger, world_size: int):
+        self.cfg, self.p, self.device = cfg, parts, device
+        self.progress, self.logger, self.world_size = progress, logger, world_size
+        self.params = [p for part in parts.parts for p in part.parameters()]
+        self.dp_size = dist.get_world_size(parts.dp_group) if parts.dp_group is not None else 1
+        self.autocast = (
+            torch.autocast(device.type, dtype=torch.bfloat16)
+            if cfg.trainer.precision == "bf16" and not _fsdp_wrapped(parts.parts)
+            else contextlib.nullcontext()
+        )
+
+    def _mean_over_dp(self, value: torch.Tensor) -> float:
+        if self.p.dp_group is not None:
+            value = value.clone()
+            dist.all_reduce(value, group=self.p.dp_group)
+            value /= dist.get_world_size(self.p.dp_group)
+        return value.item()
+
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """One optimizer step over grad_accum micro-batches; returns (loss, grad norm, tokens)."""
+        accum = self.cfg.trainer.grad_accum
+        self.p.optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=self.device)
+        tokens = 0
+        for micro in range(accum):
+            inputs, targets = next(self.p.train)
+            inputs, targets = inputs.to(self.device), targets.to(self.device)
+            tokens += inputs.numel()
+            with _no_sync(self.p.model, last=micro == accum - 1), self.autocast:
+                loss = self.p.loss_fn(self.p.model(inputs), targets) / accum
+            loss.backward()
+            total += loss.detach()
+        norm = clip_grad_norm(self.params, self.cfg.optim.grad_clip)
+        self.p.optimizer.step()
+        self.p.scheduler.step()
+        return total, norm, tokens
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.p.model.eval()
+        losses = []
+        val = self.p.make_val()
+        for _ in range(self.cfg.trainer.eval_batches):
+            try:
+                inputs, targets = next(val)
+            except StopIteration:
+                break
+            with self.autocast:
+                logits = self.p.model(inputs.to(self.device))
+            losses.append(self.p.loss_fn(logits, targets.to(self.device)))
+        self.p.model.train()
+        return self._mean_over_dp(torch.stack(losses).mean())
+
+    def save(self) -> None:
+        if self.p.checkpointer is None:
+            return
+        path = self.p.checkpointer.save(
+            self.progress.step, self.p.components,
+            counters={"samples": self.progress.samples, "tokens": self.progress.tokens},
+        )
+        self.logger.text(f"checkpoint: {path}")
+
+    def eval_and_sample(self) -> dict:
+        loss = self.evaluate()
+        out = {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50.0))}
+        self.logger.text(f"step {self.progress.step:>6}  eval loss {loss:.4f}  ppl {out['eval/ppl']:.2f}")
+        if self.p.sample_fn is not None:
+            text = self.p.sample_fn(self.progress.step)
+            self.logger.text("sample: " + repr(text))
+        return out
+
+    def fit(self) -> dict:
+        cfg, t = self.cfg, self.cfg.trainer
+        history: dict = {}
+        if self.progress.step == 0 and t.max_steps > 0:
+            history = self.eval_and_sample()
+            history["first_eval_loss"] = history["eval/loss"]
+            self.logger.log(0, history)
+        window_tokens, window_steps, window_start = 0, 0, time.perf_counter()
+        while self.progress.step < t.max_steps:
+            loss, norm, tokens = self.train_step()
+            self.progress.step += 1
+            self.progress.samples += t.batch_size
+            global_tokens = tokens * self.dp_size
+            self.progress.tokens += global_tokens
+            window_tokens += global_tokens
+            window_steps += 1
+            self.logger.advance()
+            step = self.progress.step
+            metrics: dict = {}
+            if step % t.log_every == 0 or step == t.max_steps:
+                elapsed = time.perf_counter() - window_start
+                tok_s = window_tokens / elapsed
+                metrics.update({
+                    "loss": self._mean_over_dp(loss),
+                    "grad_norm": norm.item(),
+                    "lr": self.p.scheduler.get_last_lr()[0],
+                    "tok/s": tok_s,
+                    "step_time": elapsed / window_steps,
+                    "mfu": self.p.flops_per_token * tok_s / (self.world_size * self.p.peak_flops),
+                    "memory_gib": memory_gib(self.device),
+                    "tokens": self.progress.tokens,
+                })
+                window_tokens, window_steps = 0, 0
+            if (t.eval_every and step % t.eval_every == 0) or step == t.max_steps:
+                metrics.update(self.eval_and_sample())
+            if metrics:
+                self.logger.log(step, metrics)
+                history.update(metrics)
+            every = cfg.checkpoint.every
+            if (every and step % every == 0) or (step == t.max_steps and cfg.checkpoint.save_final):
+                self.save()
+            if window_steps == 0:  # time the next window from here: eval and saves excluded
+                window_start = time.perf_counter()
+        return history
+
+
+def _fsdp_wrapped(parts: list[nn.Module]) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(p, FSDPModule) for p in parts)
+
+
+def _no_sync(model: nn.Module, last: bool):
+    """Skip the gradient all-reduce/reduce-scatter on all but the last micro-batch."""
+    if last:
+        return contextlib.nullcontext()
+    if hasattr(model, "no_sync"):  # DDP
+        return model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+
+        @contextlib.contextmanager
+        def fsdp_no_sync():
+            model.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                model.set_requires_gradient_sync(True)
+
+        return fsdp_no_sync()
+    return contextlib.nullcontext()

@@ -1,0 +1,207 @@
+"""Llama-style decoder (Llama 3 / torchtitan shape): RMSNorm, RoPE, grouped-query attention, SwiGLU.
+
+RoPE follows Hugging Face's "rotate_half" layout (the two halves of each head are the pairs, not
+interleaved neighbours), so `LlamaForCausalLM` weights map 1:1 with no q/k permutation.
+Module names are stable for tensor and pipeline parallelism: `layers` is a ModuleDict keyed by the
+global layer index, and `tok_embeddings` / `norm` / `output` may be set to None by a pipeline split.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer.config import ModelConfig
+
+
+def rope_cos_sin(head_dim: int, max_seq_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE tables [max_seq_len, head_dim] (Su et al. 2021): angle(t, i) = t * theta^(-2i/head_dim), halves repeated."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float32), inv_freq)
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, T, H, D] rotated by position: x*cos + rotate_half(x)*sin, computed in float32."""
+    cos, sin = cos[None, :, None, :].float(), sin[None, :, None, :].float()
+    xf = x.float()
+    return (xf * cos + rotate_half(xf) * sin).type_as(x)
+
+
+class Attention(nn.Module):
+    """Causal grouped-query self-attention; local head counts come from the weight shapes (TP-safe)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.n_kv_heads = cfg.n_kv_heads
+        self.head_dim = cfg.dim // cfg.n_heads
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        bs, seqlen, _ = x.shape
+        # -1, not n_heads: a column-wise shard of wq/wk/wv holds only its local heads
+        xq = self.wq(x).view(bs, seqlen, -1, self.head_dim)
+        xk = self.wk(x).view(bs, seqlen, -1, self.head_dim)
+        xv = self.wv(x).view(bs, seqlen, -1, self.head_dim)
+        xq, xk = apply_rope(xq, cos, sin), apply_rope(xk, cos, sin)
+        xq, xk, xv = (t.transpose(1, 2) for t in (xq, xk, xv))  # [B, H, T, D]
+        n_rep = xq.size(1) // xk.size(1)
+        if n_rep > 1:  # query head h reads kv head h // n_rep, as in HF's repeat_kv
+            xk, xv = xk.repeat_interleave(n_rep, dim=1), xv.repeat_interleave(n_rep, dim=1)
+        out = F.scaled_dot_product_attention(xq, xk, xv, is_causal=True)
+        return self.wo(out.transpose(1, 2).reshape(bs, seqlen, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU MLP (Shazeer 2020): w2(silu(w1 x) * w3 x); w1 = gate, w3 = up, w2 = down."""
+
+    def __init__(self, dim: int, ffn_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, ffn_dim, bias=False)
+        self.w2 = nn.Linear(ffn_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, ffn_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: h = x + attn(norm(x)); out = h + ffn(norm(h))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attention_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg.dim, cfg.ffn_dim)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Llama(nn.Module):
+    """Decoder-only transformer: tokens [B, T] -> logits [B, T, vocab] in the output layer's dtype."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.dim % cfg.n_heads or cfg.n_heads % cfg.n_kv_heads or (cfg.dim // cfg.n_heads) % 2:
+            raise ValueError(
+                f"model dim={cfg.dim}, n_heads={cfg.n_heads}, n_kv_heads={cfg.n_kv_heads}: dim must divide "
+                "into n_heads heads of even size, and n_heads must be a multiple of n_kv_heads"
+            )
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg) for i in range(cfg.n_layers)})
+        self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        cos, sin = rope_cos_sin(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+        # derived, not learned: kept out of the state dict so checkpoints hold weights only
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self._tie_weights()
+
+    def _tie_weights(self) -> None:
+        if self.cfg.tie_embeddings and self.tok_embeddings is not None and self.output is not None:
+            self.output.weight = self.tok_embeddings.weight
+
+    def to_empty(self, *, device, recurse: bool = True) -> "Llama":
+        # to_empty makes a new tensor per module and so unties shared parameters: tie them again
+        super().to_empty(device=device, recurse=recurse)
+        self._tie_weights()
+        return self
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """normal(0, init_std) for embeddings and linears, block outputs (wo, w2) / sqrt(2 n_layers), norms 1."""
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)  # GPT-2: residual branches add up over depth
+        if self.tok_embeddings is not None:
+            nn.init.normal_(self.tok_embeddings.weight, 0.0, std)
+        for block in self.layers.values():
+            for lin in (block.attention.wq, block.attention.wk, block.attention.wv,
+                        block.feed_forward.w1, block.feed_forward.w3):
+                nn.init.normal_(lin.weight, 0.0, std)
+            nn.init.normal_(block.attention.wo.weight, 0.0, out_std)
+            nn.init.normal_(block.feed_forward.w2.weight, 0.0, out_std)
+            block.attention_norm.reset_parameters()
+            block.ffn_norm.reset_parameters()
+        if self.norm is not None:
+            self.norm.reset_parameters()
+        tied = self.output is not None and self.tok_embeddings is not None \
+            and self.output.weight is self.tok_embeddings.weight
+        if self.output is not None and not tied:
+            nn.init.normal_(self.output.weight, 0.0, std)
+        cos, sin = rope_cos_sin(self.cfg.dim // self.cfg.n_heads, self.cfg.max_seq_len,
+                                self.cfg.rope_theta, device=self.rope_cos.device)
+        self.rope_cos, self.rope_sin = cos, sin
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, T] (or hidden states [B, T, dim] on a pipeline stage without embeddings)."""
+        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        seqlen = h.shape[1]
+        if seqlen > self.rope_cos.shape[0]:
+            raise ValueError(f"sequence length {seqlen} exceeds model.max_seq_len={self.rope_cos.shape[0]}")
+        cos, sin = self.rope_cos[:seqlen], self.rope_sin[:seqlen]
+        for layer in self.layers.values():
+            h = layer(h, cos, sin)
+        h = self.norm(h) if self.norm is not None else h
+        return self.output(h) if self.output is not None else h
+
+
+def num_params(model: nn.Module, exclude_embeddings: bool = False) -> int:
+    """Distinct parameters (a tied weight counts once); optionally without the input embedding."""
+    total = sum(p.numel() for p in model.parameters())
+    emb = getattr(model, "tok_embeddings", None)
+    if exclude_embeddings and emb is not None:
+        total -= emb.weight.numel()
+    return total
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
+    """Training FLOPs per token, 6*N + 12*n_layers*dim*seq_len (PaLM app. B); N = params but the input embedding."""
+    head_dim = cfg.dim // cfg.n_heads
+    attn = cfg.dim * head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
+    block = attn + 3 * cfg.dim * cfg.ffn_dim + 2 * cfg.dim
+    # the output projection is counted even when tied: its matmul runs either way
+    n = cfg.n_layers * block + cfg.dim + cfg.dim * cfg.vocab_size
+    return 6 * n + 12 * cfg.n_layers * cfg.dim * seq_len
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """Autoregressive sampling (greedy when temperature == 0); returns tokens [B, T + max_new_tokens]."""
+    max_len = getattr(model, "module", model).cfg.max_seq_len  # DDP keeps the model in .module
+    for _ in range(max_new_tokens):
+        logits = model(tokens[:, -max_len:])[:, -1, :].float()
+        if temperature == 0:
+            nxt = logits.argmax(dim=-1, keepdim=True)
+        else:
+            logits = logits / temperature
+            if top_k is not None:
+                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            nxt = torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)
+        tokens = torch.cat((tokens, nxt.to(tokens.dtype)), dim=1)
+    return tokens

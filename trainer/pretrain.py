@@ -1,0 +1,120 @@
+"""Task `pretrain`: a Llama-style decoder trained on a text corpus, on any parallel layout.
+
+The composing step only: mesh → model → parallelize → optimizer → data → checkpoint → loop.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+
+from parallel.mesh import ParallelDims, build_mesh, dp_coords
+from parallel.parallelize import parallelize
+from trainer.checkpoint import Checkpointer, stored_keys
+from trainer.config import PlaitConfig, as_dict
+from trainer.data import build_data
+from trainer.launch import DistEnv
+from trainer.loop import LoopParts, TrainLoop
+from trainer.metrics import MetricLogger, peak_flops
+from trainer.models import build_model
+from trainer.models.llama import flops_per_token, generate, num_params
+from trainer.models.loss import cross_entropy_loss
+from trainer.optim import build_optimizer, build_scheduler
+from trainer.state import ModelState, OptimizerState, Progress, RNGState
+
+
+def parallel_dims(cfg: PlaitConfig) -> ParallelDims:
+    p = cfg.parallel
+    return ParallelDims(pp=p.pp, dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, tp=p.tp)
+
+
+def make_sampler(cfg: PlaitConfig, model, tokenizer, device):
+    """Sampling runs on every rank (sharded weights are gathered collectively) with the same
+    dedicated generator, so ranks stay in lockstep and the global RNG is untouched."""
+    prompt = torch.tensor([tokenizer.encode(cfg.trainer.sample_prompt).ids], device=device)
+
+    def sample(step: int) -> str:
+        gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step)
+        model.eval()
+        out = generate(model, prompt, cfg.trainer.sample_tokens, temperature=0.8, top_k=40, generator=gen)
+        model.train()
+        return tokenizer.decode(out[0].tolist())
+
+    return sample if cfg.trainer.sample_tokens > 0 else None
+
+
+def run(cfg: PlaitConfig, env: DistEnv) -> dict:
+    dims = parallel_dims(cfg)
+    mesh = build_mesh(dims, env.device.type)
+    dp_rank, dp_size = dp_coords(mesh)
+    log = MetricLogger(cfg.run_dir, cfg.logger, as_dict(cfg), cfg.trainer.max_steps, is_main=env.is_main)
+
+    model = build_model(cfg.model, device=env.device)
+    n_params = num_params(model)
+    model, parts = parallelize(model, mesh, cfg.parallel, cfg.trainer.precision)
+    optimizer = build_optimizer(parts, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.trainer.max_steps)
+
+    start = time.perf_counter()
+    data = build_data(
+        cfg.data, cfg.model.vocab_size,
+        batch_size=cfg.trainer.batch_size // (dp_size * cfg.trainer.grad_accum),
+        dp_rank=dp_rank, dp_size=dp_size, seed=cfg.seed, is_main=env.is_main,
+        barrier=dist.barrier if dist.is_initialized() else None,
+    )
+    log.text(
+        f"plait: {cfg.model.name} ({n_params / 1e6:.2f}M params) on {env.world_size} rank(s) "
+        f"[pp={dims.pp} dp_replicate={dims.dp_replicate} dp_shard={dims.dp_shard} tp={dims.tp}], "
+        f"{env.device.type}; data {cfg.data.source}: {data.num_tokens:,} tokens "
+        f"(ready in {time.perf_counter() - start:.1f}s)"
+    )
+
+    progress = Progress()
+    rng = RNGState(env.rank)
+    components = {
+        "model": ModelState(parts), "optimizer": OptimizerState(parts, optimizer),
+        "lr_scheduler": scheduler, "data": data.train, "rng": rng, "progress": progress,
+    }
+    # Checkpoint collectives get their own group: sharing the training loop's can deadlock.
+    group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+    checkpointer = Checkpointer(
+        cfg.checkpoint.dir, cfg.checkpoint.keep_last, group=group,
+        meta={"task": cfg.task["name"], "config": as_dict(cfg), "world_size": env.world_size,
+              "layout": {"pp": dims.pp, "dp_replicate": dims.dp_replicate, "dp_shard": dims.dp_shard,
+                         "tp": dims.tp}},
+    )
+    resume = checkpointer.resolve(cfg.checkpoint.resume)
+    if resume is not None:
+        if f"rng.{rng.key}.torch" not in stored_keys(resume):
+            log.text(f"checkpoint has no RNG stream for rank {env.rank} (saved on another layout): reseeding")
+            del components["rng"]
+        manifest = checkpointer.load(resume, components)
+        components["rng"] = rng
+        log.text(f"resumed from {resume} at step {manifest['counters']['step']}")
+        log.advance(progress.step)
+
+    loop = TrainLoop(
+        cfg,
+        LoopParts(
+            model=model, parts=parts, optimizer=optimizer, scheduler=scheduler, train=data.train,
+            make_val=data.val, loss_fn=cross_entropy_loss,
+            sample_fn=make_sampler(cfg, parts[0], data.tokenizer, env.device),
+            flops_per_token=flops_per_token(cfg.model, cfg.data.seq_len),
+            peak_flops=peak_flops(env.device, cfg.trainer.peak_flops),
+            dp_group=mesh["dp"].get_group() if mesh is not None else None,
+            checkpointer=checkpointer, components=components,
+        ),
+        env.device, progress, log, env.world_size,
+    )
+    try:
+        history = loop.fit()
+    finally:
+        log.close()
+    if env.is_main and "eval/loss" in history:
+        first = history.get("first_eval_loss")
+        print(f"plait: done at step {progress.step}: eval loss "
+              f"{'' if first is None else f'{first:.4f} -> '}{history['eval/loss']:.4f}; run dir {cfg.run_dir}",
+              flush=True)
+    return history

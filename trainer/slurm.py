@@ -1,0 +1,441 @@
+"""Slurm support: torch.distributed rendezvous from an srun task's environment, and submission
+of a function to every task of an sbatch job through submitit (`launcher=slurm`).
+
+Inside a task, `apply_slurm_env()` turns SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID / the step's
+node list into RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE / MASTER_ADDR / MASTER_PORT, so
+`init_process_group(init_method="env://")` works the same under srun as under torchrun.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from trainer.config import ConfigError, LauncherConfig
+
+# Below Linux's ephemeral range (32768-60999), so a derived port never collides with a client socket.
+PORT_BASE, PORT_SPAN = 15000, 17000
+# A failing rank takes the others down at once instead of leaving them blocked in a collective.
+SRUN_ARGS = ("--kill-on-bad-exit=1",)
+# sbatch options that submitit and this module set themselves; sbatch_extra may not override them.
+MANAGED_OPTIONS = {"nodes", "ntasks", "ntasks_per_node", "output", "error", "job_name", "array"}
+FINISHED_STATES = {
+    "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
+    "BOOT_FAIL", "DEADLINE", "SPECIAL_EXIT", "REVOKED",
+}
+RESULT_GRACE_S = 15.0  # after Slurm says the job ended, how long result files may lag (shared FS)
+
+
+class SlurmError(RuntimeError):
+    """Slurm is missing, refused the job, or the job failed; the message says which and where."""
+
+
+class SlurmJobFailed(SlurmError):
+    """The job ended without a result from every task; `job_id`, `state` and `logs` say where to look."""
+
+    def __init__(self, message: str, job_id: str, state: str, logs: list[str]):
+        super().__init__(message)
+        self.job_id, self.state, self.logs = job_id, state, logs
+
+
+# --------------------------------------------------------------------------- node lists
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Split on commas outside brackets: 'a1,b[3-5,7]' -> ['a1', 'b[3-5,7]']."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+            if depth < 0:
+                raise ValueError(f"unbalanced ']' in Slurm node list {text!r}")
+        elif ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    if depth:
+        raise ValueError(f"unbalanced '[' in Slurm node list {text!r}")
+    parts.append(text[start:])
+    return [p for p in parts if p]
+
+
+def _expand_host(item: str, whole: str) -> list[str]:
+    match = re.fullmatch(r"([^\[\]]*)\[([^\[\]]*)\](.*)", item)
+    if match is None:
+        if "[" in item or "]" in item:
+            raise ValueError(f"cannot parse {item!r} in Slurm node list {whole!r}")
+        return [item]
+    prefix, ranges, rest = match.groups()
+    tails = _expand_host(rest, whole)  # several bracket groups: rack[1-2]-n[1-2]
+    hosts = []
+    for rng in ranges.split(","):
+        lo, dash, hi = rng.strip().partition("-")
+        if not lo.isdigit() or (dash and not hi.isdigit()):
+            raise ValueError(f"bad range {rng!r} in Slurm node list {whole!r}")
+        if not dash:
+            hosts += [prefix + lo + t for t in tails]
+            continue
+        if int(hi) < int(lo):
+            raise ValueError(f"descending range {rng!r} in Slurm node list {whole!r}")
+        width = len(lo)  # n[008-010] keeps its zero padding
+        hosts += [f"{prefix}{i:0{width}d}{t}" for i in range(int(lo), int(hi) + 1) for t in tails]
+    return hosts
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Slurm's compressed host list, expanded in Slurm's order: 'a1,b[3-5]' -> [a1, b3, b4, b5]."""
+    return [h for item in _split_top_level(nodelist.strip()) for h in _expand_host(item, nodelist)]
+
+
+def expand_tasks_per_node(spec: str) -> list[int]:
+    """SLURM_TASKS_PER_NODE's format, expanded: '2(x3),1' -> [2, 2, 2, 1]."""
+    counts = []
+    for part in spec.split(","):
+        match = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if match is None:
+            raise ValueError(f"cannot parse tasks-per-node {spec!r}")
+        counts += [int(match.group(1))] * int(match.group(2) or 1)
+    return counts
+
+
+def hostnames(nodelist: str) -> list[str]:
+    """`scontrol show hostnames` where Slurm's tools are installed, else `expand_nodelist`."""
+    if shutil.which("scontrol"):
+        try:
+            out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
+                                 text=True, timeout=30, check=True).stdout.split()
+            if out:
+                return out
+        except (subprocess.SubprocessError, OSError):
+            pass
+    return expand_nodelist(nodelist)
+
+
+def node_address(name: str) -> str:
+    """An address other tasks can connect to for node `name`.
+
+    A resolvable name is used as is, so thousands of ranks do not each query slurmctld; otherwise
+    (a test cluster whose NodeName is an alias, like n1/n2 at 127.0.0.1) Slurm's NodeAddr.
+    """
+    try:
+        socket.getaddrinfo(name, None)
+        return name
+    except OSError:
+        pass
+    if shutil.which("scontrol"):
+        try:
+            out = subprocess.run(["scontrol", "show", "node", "-o", name], capture_output=True,
+                                 text=True, timeout=30, check=True).stdout
+            match = re.search(r"\bNodeAddr=(\S+)", out)
+            if match:
+                return match.group(1)
+        except (subprocess.SubprocessError, OSError):
+            pass
+    return name
+
+
+# --------------------------------------------------------------------------- rendezvous
+
+
+def in_srun_task(env: Optional[dict] = None) -> bool:
+    """True in a task that srun started. The batch script itself also has SLURM_PROCID=0 and
+    SLURM_NTASKS, but no step id: there the job's tasks have not started yet."""
+    env = os.environ if env is None else env
+    return bool(env.get("SLURM_PROCID") and env.get("SLURM_NTASKS")
+                and (env.get("SLURM_STEP_ID") or env.get("SLURM_STEPID")))
+
+
+def master_port(job_id: str) -> int:
+    """Deterministic per job, so every task derives the same port without talking to the others."""
+    return PORT_BASE + int(job_id) % PORT_SPAN
+
+
+def slurm_rendezvous(env: Optional[dict] = None) -> Optional[dict[str, str]]:
+    """torch.distributed's env:// variables derived from an srun task's environment, or None
+    outside one. Rank 0 runs on the step's first node, so that node is MASTER_ADDR."""
+    env = os.environ if env is None else env
+    if not in_srun_task(env):
+        return None
+    node_id = int(env.get("SLURM_NODEID", "0"))
+    spec = (env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
+            or env.get("SLURM_NTASKS_PER_NODE"))
+    if spec:
+        per_node = expand_tasks_per_node(spec)
+        local_world = per_node[min(node_id, len(per_node) - 1)]
+    else:
+        local_world = int(env["SLURM_NTASKS"])
+    nodelist = (env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
+                or env.get("SLURM_NODELIST") or socket.gethostname())
+    job_id = env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID") or "0"
+    return {
+        "RANK": env["SLURM_PROCID"],
+        "WORLD_SIZE": env["SLURM_NTASKS"],
+        "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+        "LOCAL_WORLD_SIZE": str(local_world),
+        "MASTER_ADDR": env.get("MASTER_ADDR") or node_address(hostnames(nodelist)[0]),
+        "MASTER_PORT": env.get("MASTER_PORT") or str(master_port(job_id)),
+    }
+
+
+def apply_slurm_env() -> Optional[dict[str, str]]:
+    """Export `slurm_rendezvous()` into os.environ; returns what is now in effect, or None
+    outside an srun task. A launcher inside the task (torchrun under srun) has already set RANK:
+    then its whole rank layout wins, and only a missing MASTER_ADDR/PORT is filled in."""
+    rdzv = slurm_rendezvous()
+    if rdzv is None:
+        return None
+    layout = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+    keep_layout = "RANK" in os.environ
+    for key, value in rdzv.items():
+        if key in layout and keep_layout:
+            continue
+        os.environ.setdefault(key, value)
+    return {key: os.environ[key] for key in rdzv if key in os.environ}
+
+
+# --------------------------------------------------------------------------- submission
+
+
+def tasks_per_node(launcher: LauncherConfig, world_size: int) -> int:
+    """launcher.tasks_per_node, or the world size spread evenly over launcher.nodes."""
+    nodes = launcher.nodes
+    if nodes < 1:
+        raise ConfigError(f"launcher.nodes={nodes} must be >= 1")
+    if world_size < 1:
+        raise ConfigError(f"world size {world_size} must be >= 1")
+    if launcher.tasks_per_node:
+        if launcher.tasks_per_node * nodes != world_size:
+            raise ConfigError(
+                f"launcher.nodes={nodes} x launcher.tasks_per_node={launcher.tasks_per_node} = "
+                f"{nodes * launcher.tasks_per_node} tasks, but the run needs world size {world_size}; "
+                "set launcher.tasks_per_node=0 to derive it"
+            )
+        return launcher.tasks_per_node
+    if world_size % nodes:
+        raise ConfigError(
+            f"world size {world_size} does not split evenly over launcher.nodes={nodes}; "
+            f"choose nodes dividing {world_size}, or a world size that is a multiple of {nodes}"
+        )
+    return world_size // nodes
+
+
+def sbatch_parameters(launcher: LauncherConfig, job_name: str, world_size: int) -> dict[str, Any]:
+    """submitit.SlurmExecutor parameters (sbatch's own names) for this launcher config."""
+    extra = {str(k): v for k, v in dict(launcher.sbatch_extra or {}).items()}
+    clash = sorted(k for k in extra if k.replace("-", "_") in MANAGED_OPTIONS)
+    if clash:
+        raise ConfigError(
+            f"launcher.sbatch_extra sets {', '.join(clash)}, which Plait sets itself; use "
+            "launcher.nodes / launcher.tasks_per_node (names and log paths come from the run)"
+        )
+    params: dict[str, Any] = {
+        "job_name": job_name,
+        "nodes": launcher.nodes,
+        "ntasks_per_node": tasks_per_node(launcher, world_size),
+        "cpus_per_task": launcher.cpus_per_task,
+        "time": launcher.timeout_min,
+        "srun_args": list(SRUN_ARGS),
+    }
+    optional = {
+        "gpus_per_node": launcher.gpus_per_node or None,
+        "mem": f"{launcher.mem_gb}GB" if launcher.mem_gb else None,
+        "partition": launcher.partition or None,
+        "account": launcher.account or None,
+        "qos": launcher.qos or None,
+        "setup": list(launcher.setup) or None,
+        "additional_parameters": extra or None,
+    }
+    params.update({k: v for k, v in optional.items() if v is not None})
+    return params
+
+
+def _submit_command(folder: str) -> str:
+    # what submitit.SlurmExecutor runs in every task (its `_submitit_command_str`)
+    python = shlex.quote(sys.executable)
+    return f"{python} -u -m submitit.core._submit {shlex.quote(str(Path(folder).expanduser().absolute()))}"
+
+
+def sbatch_script(launcher: LauncherConfig, folder: str, job_name: str, world_size: int) -> str:
+    """The sbatch script `submit` would hand to sbatch (launcher.dry_run); needs no Slurm."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    params = sbatch_parameters(launcher, job_name, world_size)
+    return _make_sbatch_string(command=_submit_command(folder), folder=folder, **params)
+
+
+def require_slurm() -> None:
+    missing = [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]
+    if missing:
+        raise SlurmError(
+            f"launcher=slurm needs Slurm's client tools, but {' and '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not on PATH: run on a login node of your cluster "
+            "(or load its slurm module; Debian/Ubuntu: apt-get install slurm-client). "
+            "launcher.dry_run=true prints the sbatch script without Slurm; "
+            "`bash .ci/slurm.sh` starts a local two-node test cluster."
+        )
+
+
+def submit(launcher: LauncherConfig, fn: Callable, args: tuple, folder: str, job_name: str,
+           world_size: int):
+    """Submit `fn(*args)` to run in every task of one sbatch job; returns the submitit.Job.
+
+    `fn` is pickled by reference: it must be a module-level function importable in the job (the
+    job runs this interpreter, `sys.executable`). Inside, it calls `apply_slurm_env()` before
+    `init_process_group`.
+    """
+    require_slurm()
+    import submitit
+
+    params = sbatch_parameters(launcher, job_name, world_size)
+    executor = submitit.SlurmExecutor(folder=folder, python=shlex.quote(sys.executable))
+    executor.update_parameters(**params)
+    try:
+        return executor.submit(fn, *args)
+    except submitit.core.utils.FailedJobError as err:
+        # sbatch refused the job (unknown partition, too many nodes, bad option): its own words
+        raise SlurmError(f"sbatch refused the job: {str(err).strip()}") from None
+
+
+# --------------------------------------------------------------------------- waiting
+
+
+def job_state(job_id: str) -> tuple[str, str]:
+    """(JobState, ExitCode) from slurmctld, which knows a job until MinJobAge after its end; then
+    ('GONE', ''). ('UNKNOWN', '') when slurmctld does not answer. Works without accounting, unlike
+    sacct, which submitit polls and which then reports UNKNOWN forever."""
+    try:
+        proc = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True,
+                              text=True, timeout=30)
+    except (subprocess.SubprocessError, OSError):
+        return "UNKNOWN", ""
+    if "Invalid job id" in proc.stderr:
+        return "GONE", ""
+    state = re.search(r"\bJobState=(\S+)", proc.stdout)
+    code = re.search(r"\bExitCode=(\S+)", proc.stdout)
+    reason = re.search(r"\bReason=(\S+)", proc.stdout)
+    text = state.group(1) if state else "UNKNOWN"
+    if text == "PENDING" and reason and reason.group(1) != "None":
+        text = f"PENDING ({reason.group(1)})"
+    return text, code.group(1) if code else ""
+
+
+def _is_error(result: Path) -> bool:
+    from submitit.core.utils import pickle_load
+
+    try:
+        return result.exists() and pickle_load(result)[0] == "error"
+    except Exception:  # still being written
+        return False
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "".join(path.read_text(errors="replace").splitlines(keepends=True)[-lines:])
+    except OSError:
+        return ""
+
+
+class _Follower:
+    """Prints what a log file gains between polls."""
+
+    def __init__(self, path: Path, prefix: str, out=sys.stdout):
+        self.path, self.prefix, self.out, self.offset = path, prefix, out, 0
+
+    def poll(self) -> None:
+        try:
+            with self.path.open("rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except OSError:
+            return
+        complete = data.rfind(b"\n") + 1  # print whole lines only
+        self.offset += complete
+        for line in data[:complete].decode(errors="replace").splitlines():
+            print(f"{self.prefix}{line}", file=self.out, flush=True)
+
+
+def wait_and_report(job, stream: bool = False, timeout_s: Optional[float] = None,
+                    poll_s: float = 1.0) -> list:
+    """Wait for every task of `job`; return their results in rank order, or raise SlurmJobFailed
+    with the job id, the failing rank's traceback, the tail of its logs and their paths.
+
+    Completion is read from each task's result file and from `scontrol show job`, never from
+    sacct, so it works on clusters without accounting. `stream` echoes rank 0's stdout.
+    """
+    from submitit.core.utils import pickle_load
+
+    job_id = str(job.job_id)
+    tasks = [job.task(t).paths for t in range(job.num_tasks)]
+    follower = _Follower(tasks[0].stdout, f"[{job_id} rank 0] ") if stream else None
+    start, last_state, ended_at = time.monotonic(), "", None
+    state, exit_code, next_check, interval = "UNKNOWN", "", 0.0, poll_s
+    try:
+        while True:
+            if follower:
+                follower.poll()
+            if all(p.result_pickle.exists() for p in tasks):
+                break
+            now = time.monotonic()
+            if now >= next_check:
+                state, exit_code = job_state(job_id)
+                if state != last_state and stream:
+                    print(f"plait: Slurm job {job_id}: {state}", flush=True)
+                last_state = state
+                # poll slurmctld every poll_s at first, backing off to 30 s on long jobs
+                interval = min(30.0, max(poll_s, (now - start) / 10))
+                next_check = now + interval
+            if state in FINISHED_STATES or state == "GONE":
+                ended_at = ended_at or now
+                # a rank's traceback is already there; otherwise give a shared FS time to catch up
+                if any(_is_error(p.result_pickle) for p in tasks) or now - ended_at > RESULT_GRACE_S:
+                    break
+            if timeout_s is not None and now - start > timeout_s:
+                raise SlurmJobFailed(
+                    f"Slurm job {job_id} still {state} after {timeout_s:.0f}s of waiting; it keeps "
+                    f"running (scancel {job_id} stops it). Logs: {tasks[0].stdout}",
+                    job_id, state, [str(tasks[0].stdout), str(tasks[0].stderr)])
+            time.sleep(poll_s)
+    except KeyboardInterrupt:
+        print(f"plait: stopped waiting; Slurm job {job_id} keeps running (scancel {job_id} stops it); "
+              f"logs in {tasks[0].stdout.parent}", file=sys.stderr)
+        raise
+    if follower:
+        follower.poll()
+
+    outcomes = {}
+    for rank, paths in enumerate(tasks):
+        if paths.result_pickle.exists():
+            outcomes[rank] = pickle_load(paths.result_pickle)
+    if len(outcomes) == len(tasks) and all(o[0] == "success" for o in outcomes.values()):
+        return [outcomes[rank][1] for rank in range(len(tasks))]
+
+    if not exit_code:
+        state, exit_code = job_state(job_id)
+    errors = [rank for rank, o in sorted(outcomes.items()) if o[0] == "error"]
+    missing = [rank for rank in range(len(tasks)) if rank not in outcomes]
+    blame = errors[0] if errors else missing[0]
+    paths = tasks[blame]
+    lines = [f"Slurm job {job_id} failed (state {state}, exit code {exit_code or '?'})"]
+    if errors:
+        lines.append(f"rank(s) {errors} raised; rank {blame}'s traceback:")
+        lines.append(outcomes[blame][1].rstrip())
+    if missing:
+        lines.append(f"rank(s) {missing} left no result (killed, crashed, cancelled or timed out; "
+                     "with one failing rank srun stops the others)")
+    for name in ("stderr", "stdout"):
+        log = getattr(paths, name)
+        tail = _tail(log)
+        if tail.strip() and not errors:
+            lines += [f"--- last lines of rank {blame}'s {name} ({log}):", tail.rstrip()]
+    logs = [str(p) for t in tasks for p in (t.stdout, t.stderr)]
+    lines.append(f"logs: {paths.stdout.parent}/{job_id}_<rank>_log.{{out,err}}")
+    raise SlurmJobFailed("\n".join(lines), job_id, state, logs)
