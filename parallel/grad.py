@@ -10,18 +10,17 @@ from torch.distributed.tensor import DTensor
 
 
 def grad_norm(params: Iterable[torch.nn.Parameter], pp_group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
-    """‖g‖₂ over all parameters: each DTensor's norm is reduced on its own mesh, then summed
-    (and across pipeline stages, which hold disjoint parameters, when `pp_group` is given)."""
-    total = None
-    for p in params:
-        if p.grad is None:
-            continue
-        norm = torch.linalg.vector_norm(p.grad, dtype=torch.float32)
-        if isinstance(norm, DTensor):
-            norm = norm.full_tensor()
-        total = norm**2 if total is None else total + norm**2
+    """‖g‖₂ = √(Σ‖gᵢ‖²): plain gradients in one foreach kernel; each DTensor's norm reduced on its
+    own mesh (FSDP and TP meshes may differ); summed across pipeline stages if `pp_group` is given."""
+    grads = [p.grad for p in params if p.grad is not None]
+    plain = [g for g in grads if not isinstance(g, DTensor)]
+    total = torch.nn.utils.get_total_norm(plain, foreach=True) ** 2 if plain else None
+    for g in grads:
+        if isinstance(g, DTensor):
+            sq = torch.linalg.vector_norm(g, dtype=torch.float32).full_tensor() ** 2
+            total = sq if total is None else total + sq
     if total is None:
-        total = torch.zeros((), dtype=torch.float32)
+        total = torch.zeros(())
     if pp_group is not None:
         dist.all_reduce(total, group=pp_group)
     return total.sqrt()
@@ -29,12 +28,8 @@ def grad_norm(params: Iterable[torch.nn.Parameter], pp_group: Optional[dist.Proc
 
 def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float,
                    pp_group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
-    """Scale gradients by min(1, max_norm / ‖g‖₂); returns ‖g‖₂ before clipping."""
+    """gᵢ ← gᵢ · min(1, max_norm / ‖g‖₂); returns ‖g‖₂ before clipping (no host sync)."""
     norm = grad_norm(params, pp_group)
     if max_norm > 0:
-        coef = min(1.0, max_norm / (norm.item() + 1e-6))
-        if coef < 1.0:
-            for p in params:
-                if p.grad is not None:
-                    p.grad.mul_(coef)
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
     return norm

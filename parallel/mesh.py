@@ -5,10 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import warnings
+
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
+# torch 2.13 still supports mesh["dp"] for a flattened dim and only warns about a future change.
+warnings.filterwarnings("ignore", message="Slicing a flattened dim from root mesh")
 
 
 @dataclass(frozen=True)

@@ -81,3 +81,29 @@ def run_ranks_fixture():
 def _private_cache(tmp_path_factory, monkeypatch):
     """Tokenizer/token caches shared by the session's tests, never the user's ~/.cache."""
     monkeypatch.setenv("PLAIT_CACHE", str(tmp_path_factory.getbasetemp() / "plait-cache"))
+
+
+TINY = [
+    "data.max_tokens=60000", "data.tokenizer_train_bytes=200000", "data.seq_len=32",
+    "model.max_seq_len=64", "model.vocab_size=512", "model.dim=64", "model.n_layers=2",
+    "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_dim=128", "trainer.batch_size=8",
+    "trainer.log_every=1", "trainer.eval_every=0", "trainer.eval_batches=2", "trainer.sample_tokens=8",
+    "optim.warmup_steps=2", "logger.progress=false",
+]
+
+
+def compose(overrides: list[str], run_dir) -> dict:
+    """A validated, resolved config dict as the CLI would hand it to ranks (tiny model, tiny data)."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    from trainer.cli import CONFIG_DIR
+    from trainer.config import as_dict, validate
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        raw = hydra_compose("plait", overrides=TINY + [f"run_dir={run_dir}"] + list(overrides))
+    return as_dict(validate(raw))
+
+
+@pytest.fixture(name="tiny_cfg")
+def tiny_cfg_fixture(tmp_path):
+    return lambda *overrides, run_dir=None: compose(list(overrides), run_dir or tmp_path / "run")

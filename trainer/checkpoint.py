@@ -16,6 +16,7 @@ import platform
 import shutil
 import sys
 import time
+import warnings
 import zlib
 from pathlib import Path
 from typing import Any, Optional
@@ -24,6 +25,9 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.stateful import Stateful
+
+# DCP warns on every single-process save/load; that is a supported mode here, not an accident.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 FORMAT_VERSION = 1
 MANIFEST = "plait.json"

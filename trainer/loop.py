@@ -91,6 +91,8 @@ class TrainLoop:
                 logits = self.p.model(inputs.to(self.device))
             losses.append(self.p.loss_fn(logits, targets.to(self.device)))
         self.p.model.train()
+        if not losses:  # no held-out split (data.val_fraction=0)
+            return float("nan")
         return self._mean_over_dp(torch.stack(losses).mean())
 
     def save(self) -> None:

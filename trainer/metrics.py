@@ -69,7 +69,7 @@ class MetricLogger:
             return
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         self.file = open(Path(run_dir) / "metrics.jsonl", "a", buffering=1)
-        if cfg.progress and total_steps > 0:
+        if cfg.progress and total_steps > 0 and sys.stderr.isatty():
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total_steps, initial=start_step, desc=config.get("name", "train"),
@@ -92,10 +92,11 @@ class MetricLogger:
         self.file.write(json.dumps({"step": step, "time": time.time(), **clean}) + "\n")
         if self.wandb_run is not None:
             self.wandb_run.log(clean, step=step)
-        if self.bar is not None:
-            shown = {k: _short(v) for k, v in clean.items() if k in ("loss", "lr", "tok/s", "mfu", "eval/loss")}
-            if shown:
-                self.bar.set_postfix(shown, refresh=False)
+        shown = {k: _short(v) for k, v in clean.items() if k in ("loss", "lr", "tok/s", "mfu", "eval/loss")}
+        if self.bar is not None and shown:
+            self.bar.set_postfix(shown, refresh=False)
+        elif "loss" in shown:  # no terminal (a log file, Slurm): one line per logged step instead
+            print(f"step {step:>6}  " + "  ".join(f"{k} {v}" for k, v in shown.items()), flush=True)
 
     def advance(self, n: int = 1) -> None:
         if self.bar is not None:

@@ -27,6 +27,9 @@ PORT_BASE, PORT_SPAN = 15000, 17000
 SRUN_ARGS = ("--kill-on-bad-exit=1",)
 # sbatch options that submitit and this module set themselves; sbatch_extra may not override them.
 MANAGED_OPTIONS = {"nodes", "ntasks", "ntasks_per_node", "output", "error", "job_name", "array"}
+# sbatch exports the submitting shell's environment; its rendezvous variables describe that shell,
+# not the job, and would override what apply_slurm_env derives. launcher.setup runs after this.
+RENDEZVOUS_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 FINISHED_STATES = {
     "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
     "BOOT_FAIL", "DEADLINE", "SPECIAL_EXIT", "REVOKED",
@@ -193,7 +196,7 @@ def apply_slurm_env() -> Optional[dict[str, str]]:
     rdzv = slurm_rendezvous()
     if rdzv is None:
         return None
-    layout = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+    layout = RENDEZVOUS_VARS[:4]
     keep_layout = "RANK" in os.environ
     for key, value in rdzv.items():
         if key in layout and keep_layout:
@@ -251,7 +254,7 @@ def sbatch_parameters(launcher: LauncherConfig, job_name: str, world_size: int) 
         "partition": launcher.partition or None,
         "account": launcher.account or None,
         "qos": launcher.qos or None,
-        "setup": list(launcher.setup) or None,
+        "setup": [f"unset {' '.join(RENDEZVOUS_VARS)}", *launcher.setup],
         "additional_parameters": extra or None,
     }
     params.update({k: v for k, v in optional.items() if v is not None})
