@@ -158,8 +158,9 @@ start_slurm() {
   local n
   install -d -m 0755 "$STATE" "$LOGS" /var/spool/slurmctld
   if ! alive "$STATE/slurmctld.pid"; then
-    # -c: start clean; jobs of an earlier cluster are not recovered
-    slurmctld -c || { dump_logs; die "slurmctld did not start"; }
+    # recover the saved state (-i: ignore what cannot be read): job ids keep counting up across
+    # restarts, so a reused submitit folder never holds another job's files under the same id
+    slurmctld -i || { dump_logs; die "slurmctld did not start"; }
   fi
   for n in "${NODES[@]}"; do
     install -d -m 0755 "/var/spool/slurmd/$n"
@@ -190,7 +191,8 @@ main() {
   case "${1:-start}" in
     stop)
       stop_slurm
-      log "slurm daemons stopped (munged left running)"
+      stop_pidfile /run/munge/munged.pid munged
+      log "slurmctld, slurmd ${NODES[*]} and munged stopped"
       return 0 ;;
     status)
       sinfo -N

@@ -311,6 +311,10 @@ def to_schema(cfg: DictConfig | dict) -> PlaitConfig:
         raise ConfigError(
             f"unknown top-level key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(SECTIONS))}"
         )
+    missing = sorted(OmegaConf.missing_keys(raw))
+    if missing:
+        raise ConfigError(f"{', '.join(missing)}: required but not set (???); set it on the command line, "
+                          f"e.g. {missing[0]}=...")
     try:
         merged = OmegaConf.merge(OmegaConf.structured(PlaitConfig), raw)
         OmegaConf.resolve(merged)

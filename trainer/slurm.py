@@ -331,11 +331,20 @@ def job_state(job_id: str) -> tuple[str, str]:
     return text, code.group(1) if code else ""
 
 
-def _is_error(result: Path) -> bool:
+def _has_result(paths) -> bool:
+    """This job's result file for a task. One older than the job's own submission belongs to an
+    earlier job with the same id (a test cluster restarted with fresh ids) and is ignored."""
+    try:
+        return paths.result_pickle.stat().st_mtime >= paths.submitted_pickle.stat().st_mtime
+    except OSError:
+        return False
+
+
+def _is_error(paths) -> bool:
     from submitit.core.utils import pickle_load
 
     try:
-        return result.exists() and pickle_load(result)[0] == "error"
+        return _has_result(paths) and pickle_load(paths.result_pickle)[0] == "error"
     except Exception:  # still being written
         return False
 
@@ -385,7 +394,7 @@ def wait_and_report(job, stream: bool = False, timeout_s: Optional[float] = None
         while True:
             if follower:
                 follower.poll()
-            if all(p.result_pickle.exists() for p in tasks):
+            if all(_has_result(p) for p in tasks):
                 break
             now = time.monotonic()
             if now >= next_check:
@@ -399,7 +408,7 @@ def wait_and_report(job, stream: bool = False, timeout_s: Optional[float] = None
             if state in FINISHED_STATES or state == "GONE":
                 ended_at = ended_at or now
                 # a rank's traceback is already there; otherwise give a shared FS time to catch up
-                if any(_is_error(p.result_pickle) for p in tasks) or now - ended_at > RESULT_GRACE_S:
+                if any(_is_error(p) for p in tasks) or now - ended_at > RESULT_GRACE_S:
                     break
             if timeout_s is not None and now - start > timeout_s:
                 raise SlurmJobFailed(
@@ -416,7 +425,7 @@ def wait_and_report(job, stream: bool = False, timeout_s: Optional[float] = None
 
     outcomes = {}
     for rank, paths in enumerate(tasks):
-        if paths.result_pickle.exists():
+        if _has_result(paths):
             outcomes[rank] = pickle_load(paths.result_pickle)
     if len(outcomes) == len(tasks) and all(o[0] == "success" for o in outcomes.values()):
         return [outcomes[rank][1] for rank in range(len(tasks))]

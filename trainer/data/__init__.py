@@ -39,6 +39,21 @@ class DataBundle:
     num_tokens: Optional[int]  # tokens in the whole token array (train + val); None when streaming
 
 
+def no_batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The validation iterator when data.val_fraction=0."""
+    return iter(())
+
+
+def check_data_config(cfg: DataConfig) -> None:
+    """Ranges the schema does not check; ValueError names the key and what is allowed."""
+    if not 0 <= cfg.val_fraction < 1:
+        raise ValueError(f"data.val_fraction={cfg.val_fraction} must be in [0, 1)")
+    if cfg.max_tokens < 0:
+        raise ValueError(f"data.max_tokens={cfg.max_tokens} must be >= 0 (0 = the whole corpus)")
+    if cfg.tokenizer == "train" and cfg.tokenizer_train_bytes < 1:
+        raise ValueError(f"data.tokenizer_train_bytes={cfg.tokenizer_train_bytes} must be >= 1")
+
+
 def build_data(cfg: DataConfig, vocab_size: int, batch_size: int, dp_rank: int, dp_size: int,
                seed: int, is_main: bool = True, barrier: Optional[Callable[[], None]] = None) -> DataBundle:
     """Tokenizer and train/val batches for this data-parallel rank.
@@ -49,6 +64,8 @@ def build_data(cfg: DataConfig, vocab_size: int, batch_size: int, dp_rank: int, 
     idempotent and atomic. If the main rank's build fails it still enters the barrier, so the others
     fail with the same error instead of hanging.
     """
+    check_data_config(cfg)
+
     def build() -> tuple[Tokenizer, Optional[Path]]:
         tok = build_tokenizer(cfg, vocab_size)
         return tok, None if cfg.streaming else build_token_cache(cfg, tok)
@@ -76,12 +93,13 @@ def build_data(cfg: DataConfig, vocab_size: int, batch_size: int, dp_rank: int, 
         train = StreamingPackedBatches(docs, tok, holdout_every=every, name=name, **shape)
         make_val = partial(StreamingPackedBatches, docs, tok, holdout_every=every, heldout=True,
                            loop=False, name=name, **shape)
+        # fail at start, not at the first step, if the corpus is too small
+        next(StreamingPackedBatches(docs, tok, holdout_every=every, name=name, **shape))
         if every and next(make_val(), None) is None:
             raise ValueError(f"{name}: the validation documents (every {every}th, data.val_fraction="
                              f"{cfg.val_fraction}) hold fewer than the {need} tokens one batch needs "
                              "(batch_size*dp_size*(seq_len+1)); lower the batch or set data.val_fraction=0")
-        next(StreamingPackedBatches(docs, tok, holdout_every=every, name=name, **shape))  # fail now if too small
-        val = make_val if every else (lambda: iter(()))
+        val = make_val if every else no_batches
         return DataBundle(tok, train, val, eos_id(tok), None)
 
     tokens = load_tokens(path)
@@ -94,8 +112,7 @@ def build_data(cfg: DataConfig, vocab_size: int, batch_size: int, dp_rank: int, 
                 f"batch_size*dp_size*(seq_len+1) = {batch_size}*{dp_size}*{cfg.seq_len + 1} = {need} "
                 f"{split} tokens; use more data or a smaller batch or seq_len")
     train = PackedBatches(train_tokens, seed=seed, **shape)
+    val = no_batches
     if cfg.val_fraction > 0:
         val = partial(PackedBatches, val_tokens, shuffle=False, loop=False, **shape)
-    else:
-        val = lambda: iter(())  # noqa: E731
     return DataBundle(tok, train, val, eos_id(tok), len(tokens))

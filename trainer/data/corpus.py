@@ -26,7 +26,8 @@ from typing import Iterator, Optional
 from trainer.data.cache import short_hash
 
 FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-ALLOWED = "stdlib, or a local .txt/.jsonl/.json/.parquet file (.txt/.jsonl/.json may end in .gz) or a directory of them"
+ALLOWED = ("stdlib, or a local .txt/.jsonl/.json/.parquet file (.txt/.jsonl/.json may end in .gz) "
+           "or a directory of them")
 STDLIB_SKIP = {"site-packages", "test", "tests", "idle_test", "idlelib", "lib2to3", "tkinter",
                "turtledemo", "__pycache__"}
 

@@ -67,7 +67,8 @@ def build_token_cache(cfg: DataConfig, tok: Tokenizer) -> Path:
     for rank 0 to build while others wait at a barrier (or for each node to build its own cache)."""
     path = token_cache_path(cfg, tok)
     if not path.exists():
-        tokens = tokenize_corpus(iter_documents(cfg.source, cfg.text_field, streaming=True), tok, cfg.max_tokens)
+        docs = iter_documents(cfg.source, cfg.text_field, streaming=True)  # one pass: no Arrow copy
+        tokens = tokenize_corpus(docs, tok, cfg.max_tokens)
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.save(f, tokens)
     return path

@@ -17,9 +17,6 @@ import pytest  # noqa: E402
 from trainer.config import DataConfig  # noqa: E402
 from trainer.data.tokenizer import build_tokenizer  # noqa: E402
 
-SMALL = dict(tokenizer_train_bytes=300_000, max_tokens=40_000, seq_len=16, val_fraction=0.1)
-
-
 def write_jsonl(path, texts, field="text"):
     with open(path, "w", encoding="utf-8") as f:
         for i, text in enumerate(texts):
@@ -28,12 +25,12 @@ def write_jsonl(path, texts, field="text"):
 
 
 def make_docs(n, seed=0):
-    """`n` documents of varying length (a few tokens to a few hundred), deterministic."""
+    """`n` documents of varying length (a few tokens to about 150), deterministic."""
     import random
 
     rng = random.Random(seed)
     words = ["alpha", "beta", "gamma", "delta", "def", "return", "x", "=", "(", ")", "\n", "é", "数据"]
-    return [f"doc {i}: " + " ".join(rng.choice(words) for _ in range(rng.randint(1, 120))) for i in range(n)]
+    return [f"doc {i}: " + " ".join(rng.choice(words) for _ in range(rng.randint(1, 40))) for i in range(n)]
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from trainer.data.streaming import StreamingPackedBatches, is_heldout
 
 def stream(path, tok, **kw):
     docs = functools.partial(iter_documents, path, "text", streaming=True)
-    kw = {"seq_len": 15, "batch_size": 2, **kw}
+    kw = {"seq_len": 63, "batch_size": 2, **kw}
     return StreamingPackedBatches(docs, tok, **kw)
 
 
@@ -25,12 +25,12 @@ def test_windows_are_the_packed_token_stream(jsonl_corpus, small_tok):
     path, docs = jsonl_corpus
     flat = tokenize_corpus(docs, small_tok)
     it = stream(path, small_tok)
-    n = len(flat) // (2 * 16)  # whole batches in one epoch
+    n = len(flat) // (2 * 64)  # whole batches in one epoch
     got = torch.cat([torch.cat([x, y[:, -1:]], 1).reshape(-1) for x, y in take(it, n)])
-    assert torch.equal(got, torch.from_numpy(flat[: n * 32].astype(np.int64)))
+    assert torch.equal(got, torch.from_numpy(flat[: n * 128].astype(np.int64)))
     assert it.epoch == 0
     x, _ = next(it)  # the tail is dropped and the stream starts over
-    assert it.epoch == 1 and torch.equal(x.reshape(-1)[:15], got[:15])
+    assert it.epoch == 1 and torch.equal(x.reshape(-1)[:63], got[:63])
 
 
 def test_dp_shards_union_equals_single_process(jsonl_corpus, small_tok):
@@ -67,15 +67,16 @@ def test_heldout_documents_are_disjoint_from_training(jsonl_corpus, small_tok):
     val = stream(path, small_tok, batch_size=1, holdout_every=5, heldout=True, loop=False)
     got = torch.cat([torch.cat([x, y[:, -1:]], 1).reshape(-1) for x, y in val])
     flat = tokenize_corpus(val_docs, small_tok)
-    assert len(got) == len(flat) // 16 * 16 and torch.equal(got, torch.from_numpy(flat[: len(got)].astype(np.int64)))
+    assert len(got) == len(flat) // 64 * 64
+    assert torch.equal(got, torch.from_numpy(flat[: len(got)].astype(np.int64)))
     assert list(val) == []
     val.reset()
-    assert next(val)[0].shape == (1, 15)
+    assert next(val)[0].shape == (1, 63)
 
 
 def test_too_small_corpus_names_the_need(tmp_path, small_tok):
     path = tmp_path / "tiny.jsonl"
     path.write_text('{"text": "tiny"}\n')
     it = stream(str(path), small_tok, batch_size=4, dp_size=2, name="data.source='tiny.jsonl'")
-    with pytest.raises(ValueError, match=r"tiny.jsonl'.*one batch needs .* = 4\*2\*16 = 128"):
+    with pytest.raises(ValueError, match=r"tiny.jsonl'.*fewer tokens than one batch needs: .*4\*2\*64 = 512"):
         next(it)

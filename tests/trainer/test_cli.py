@@ -1,0 +1,69 @@
+"""The `plait` command as a user runs it: exit codes, messages, spawned ranks, sweeps."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def plait(*args, cwd, timeout=300):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    flags = [a for a in args if a.startswith("-")]
+    overrides = [a for a in args if not a.startswith("-")]
+    return subprocess.run([sys.executable, "-m", "trainer", *flags, *TINY, *overrides], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["trainer.max_steps=abc"], ["trainer.max_steps", "abc"]),
+    (["trainer.nope=1"], ["nope"]),
+    (["model=llama_huge"], ["llama_huge", "llama_tiny"]),
+    (["parallel.tp=3"], ["parallel.tp"]),
+    (["parallel.dp_shard=2", "trainer.batch_size=7"], ["trainer.batch_size"]),
+    (["data=local"], ["data.source"]),
+    (["data.source=/does/not/exist.jsonl"], ["data.source", "no such file"]),
+    (["checkpoint.resume=latest"], ["checkpoint.resume=latest"]),
+])
+def test_bad_input_exits_2_with_the_key(tmp_path, args, words):
+    out = plait(*args, cwd=tmp_path, timeout=120)
+    assert out.returncode == 2, out.stderr
+    for word in words:
+        assert word in out.stderr, out.stderr
+    assert not (tmp_path / "runs" / "pretrain-llama_tiny" / "checkpoints").exists()
+
+
+def test_spawned_ranks_train_and_a_second_run_refuses_to_clobber(tmp_path):
+    out = plait("parallel.dp_shard=2", "trainer.max_steps=3", "name=dp2", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = tmp_path / "runs" / "dp2"
+    assert (run / "checkpoints" / "latest").exists() and (run / "config.yaml").exists()
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
+    again = plait("parallel.dp_shard=2", "trainer.max_steps=3", "name=dp2", cwd=tmp_path, timeout=120)
+    assert again.returncode == 2 and "checkpoint.resume=latest" in again.stderr
+    more = plait("parallel.dp_shard=2", "trainer.max_steps=5", "name=dp2", "checkpoint.resume=latest", cwd=tmp_path)
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert "resumed from" in more.stdout + more.stderr
+
+
+def test_failing_rank_stops_the_run_with_its_traceback(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"body": "no text field here"}\n')
+    out = plait("parallel.dp_shard=2", f"data.source={bad}", "trainer.max_steps=2", cwd=tmp_path, timeout=180)
+    assert out.returncode != 0
+    assert "text" in out.stderr and "Traceback" in out.stderr
+
+
+def test_multirun_sweep_gives_each_job_its_run_dir(tmp_path):
+    out = plait("-m", "seed=0,1", "trainer.max_steps=2", "checkpoint.save_final=false", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    configs = sorted((tmp_path / "runs" / "multirun").glob("*/*/*/config.yaml"))
+    seeds = sorted(int(p.read_text().split("\nseed: ")[1].split("\n")[0]) for p in configs)
+    assert seeds == [0, 1]
