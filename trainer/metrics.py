@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import sys
 import time
 from functools import lru_cache
@@ -124,9 +125,7 @@ def _wandb_id(run_dir: str) -> str:
     """One W&B run per run directory, so a resumed run continues the same W&B run."""
     path = Path(run_dir) / ".wandb_id"
     if not path.exists():
-        import wandb
-
-        path.write_text(wandb.util.generate_id())
+        path.write_text(secrets.token_hex(4))
     return path.read_text().strip()
 
 

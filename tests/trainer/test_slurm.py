@@ -200,6 +200,19 @@ def test_submit_without_slurm_says_what_to_do(tmp_path, monkeypatch):
         slurm.submit(_launcher(), allreduce_rank, (1.0,), str(tmp_path), "x", 1)
 
 
+def test_result_older_than_the_submission_is_ignored(tmp_path):
+    # a test cluster restarted with fresh job ids: job 7's folder may hold an earlier job 7's files
+    from submitit.core.utils import JobPaths
+
+    paths = JobPaths(tmp_path, job_id="7", task_id=0)
+    paths.result_pickle.write_bytes(b"stale")
+    paths.submitted_pickle.write_bytes(b"new")
+    os.utime(paths.result_pickle, (time.time() - 60, time.time() - 60))
+    assert not slurm._has_result(paths)
+    os.utime(paths.result_pickle, None)
+    assert slurm._has_result(paths)
+
+
 # ----------------------------------------------------------------------------- real cluster
 
 
