@@ -121,6 +121,8 @@ MessageTimeout=20
 InactiveLimit=0
 KillWait=5
 MinJobAge=300
+# refuse at submission a job no partition can ever run, instead of leaving it pending
+EnforcePartLimits=ALL
 # nodes declare what this config says, never drained for "low" CPUs or memory on a small machine
 SlurmdParameters=config_overrides
 StateSaveLocation=/var/spool/slurmctld

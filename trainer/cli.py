@@ -56,8 +56,7 @@ def launch(raw: DictConfig) -> None:
         fail(f"bad config: {err}")
     cfg_dict = as_dict(cfg)
     launcher = detect_launcher()
-    if int(os.environ.get("RANK", "0")) == 0:
-        preflight(cfg)
+    preflight(cfg)  # on every rank, so a refusal never leaves the others waiting for a peer
     if cfg.launcher.name == "slurm" and launcher is None:
         from trainer.slurm import sbatch_script, submit, wait_and_report
 

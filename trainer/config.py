@@ -276,6 +276,13 @@ def check_combinations(cfg: PlaitConfig, world_size: Optional[int] = None) -> in
             f"checkpoint.resume={cfg.checkpoint.resume!r}: no such checkpoint directory; "
             "allowed: none, latest, auto, or a path to a step directory"
         )
+    d = cfg.data
+    if not 0 <= d.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction={d.val_fraction} must be in [0, 1)")
+    if d.max_tokens < 0:
+        raise ConfigError(f"data.max_tokens={d.max_tokens} must be >= 0 (0 = the whole corpus)")
+    if d.tokenizer == "train" and d.tokenizer_train_bytes < 1:
+        raise ConfigError(f"data.tokenizer_train_bytes={d.tokenizer_train_bytes} must be >= 1")
     src = cfg.data.source
     if src != "stdlib" and not os.path.exists(os.path.expanduser(src)):
         raise ConfigError(

@@ -67,7 +67,8 @@ def run(cfg: PlaitConfig, env: DistEnv) -> dict:
     log.text(
         f"plait: {cfg.model.name} ({n_params / 1e6:.2f}M params) on {env.world_size} rank(s) "
         f"[pp={dims.pp} dp_replicate={dims.dp_replicate} dp_shard={dims.dp_shard} tp={dims.tp}], "
-        f"{env.device.type}; data {cfg.data.source}: {data.num_tokens:,} tokens "
+        f"{env.device.type}; data {cfg.data.source}: "
+        f"{'streamed' if data.num_tokens is None else f'{data.num_tokens:,} tokens'} "
         f"(ready in {time.perf_counter() - start:.1f}s)"
     )
 

@@ -8,6 +8,8 @@ node list into RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE / MASTER_ADDR /
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 import shlex
@@ -233,7 +235,9 @@ def tasks_per_node(launcher: LauncherConfig, world_size: int) -> int:
 
 def sbatch_parameters(launcher: LauncherConfig, job_name: str, world_size: int) -> dict[str, Any]:
     """submitit.SlurmExecutor parameters (sbatch's own names) for this launcher config."""
-    extra = {str(k): v for k, v in dict(launcher.sbatch_extra or {}).items()}
+    # a false or null value leaves the option out (`exclusive: false`); true is a bare flag
+    extra = {str(k): v for k, v in dict(launcher.sbatch_extra or {}).items()
+             if v is not None and v is not False}
     clash = sorted(k for k in extra if k.replace("-", "_") in MANAGED_OPTIONS)
     if clash:
         raise ConfigError(
@@ -301,11 +305,16 @@ def submit(launcher: LauncherConfig, fn: Callable, args: tuple, folder: str, job
     params = sbatch_parameters(launcher, job_name, world_size)
     executor = submitit.SlurmExecutor(folder=folder, python=shlex.quote(sys.executable))
     executor.update_parameters(**params)
+    echoed = io.StringIO()  # submitit prints sbatch's stderr itself; say it once, in the error
     try:
-        return executor.submit(fn, *args)
+        with contextlib.redirect_stderr(echoed):
+            return executor.submit(fn, *args)
     except submitit.core.utils.FailedJobError as err:
         # sbatch refused the job (unknown partition, too many nodes, bad option): its own words
-        raise SlurmError(f"sbatch refused the job: {str(err).strip()}") from None
+        raise SlurmError(f"sbatch refused the job:\n{str(err).strip()}") from None
+    finally:
+        if echoed.getvalue() and sys.exc_info()[0] is None:
+            sys.stderr.write(echoed.getvalue())
 
 
 # --------------------------------------------------------------------------- waiting
@@ -375,7 +384,7 @@ class _Follower:
             print(f"{self.prefix}{line}", file=self.out, flush=True)
 
 
-def wait_and_report(job, stream: bool = False, timeout_s: Optional[float] = None,
+def wait_and_report(job, stream: bool = True, timeout_s: Optional[float] = None,
                     poll_s: float = 1.0) -> list:
     """Wait for every task of `job`; return their results in rank order, or raise SlurmJobFailed
     with the job id, the failing rank's traceback, the tail of its logs and their paths.
@@ -436,7 +445,8 @@ def wait_and_report(job, stream: bool = False, timeout_s: Optional[float] = None
     missing = [rank for rank in range(len(tasks)) if rank not in outcomes]
     blame = errors[0] if errors else missing[0]
     paths = tasks[blame]
-    lines = [f"Slurm job {job_id} failed (state {state}, exit code {exit_code or '?'})"]
+    ended = f" (state {state}, exit code {exit_code})" if state in FINISHED_STATES else ""
+    lines = [f"Slurm job {job_id} failed{ended}"]
     if errors:
         lines.append(f"rank(s) {errors} raised; rank {blame}'s traceback:")
         lines.append(outcomes[blame][1].rstrip())

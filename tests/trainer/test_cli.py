@@ -67,3 +67,15 @@ def test_multirun_sweep_gives_each_job_its_run_dir(tmp_path):
     configs = sorted((tmp_path / "runs" / "multirun").glob("*/*/*/config.yaml"))
     seeds = sorted(int(p.read_text().split("\nseed: ")[1].split("\n")[0]) for p in configs)
     assert seeds == [0, 1]
+
+
+def test_runs_unchanged_under_torchrun(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "trainer", *TINY, "parallel.dp_shard=-1", "trainer.max_steps=2", "name=tr"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "on 2 rank(s)" in out.stdout + out.stderr
+    manifest = json.loads((tmp_path / "runs" / "tr" / "checkpoints" / "step_000000002" / "plait.json").read_text())
+    assert manifest["world_size"] == 2 and manifest["layout"]["dp_shard"] == 2

@@ -61,3 +61,11 @@ def test_data_parallel_matches_single_process(tiny_cfg, tmp_path, run_ranks, lay
     assert sorted(got) == [1, 2, 3]
     for step in ref:
         assert got[step] == pytest.approx(ref[step], rel=1e-5)
+
+
+def test_bf16_autocast_and_grad_accumulation_train(tiny_cfg, tmp_path):
+    run = tmp_path / "bf16"
+    run_rank(tiny_cfg("trainer.max_steps=6", "trainer.precision=bf16", "trainer.grad_accum=2",
+                      "optim.lr=1e-2", run_dir=run))
+    got = losses(run)
+    assert sorted(got) == list(range(1, 7)) and got[6] < got[1]

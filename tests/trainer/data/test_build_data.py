@@ -70,8 +70,10 @@ def test_not_enough_tokens_names_source_count_and_need(cache_dir):
 @pytest.mark.parametrize("key, value", [("val_fraction", 1.0), ("val_fraction", -0.1), ("max_tokens", -1),
                                         ("tokenizer_train_bytes", 0)])
 def test_out_of_range_config_is_refused(cache_dir, key, value):
-    with pytest.raises(ValueError, match=rf"data.{key}={value} must be"):
-        build_data(DataConfig(cache_dir=cache_dir, **{key: value}), 512, 2, 0, 1, 0)
+    from trainer.config import ConfigError, validate
+
+    with pytest.raises(ConfigError, match=rf"data.{key}={value} must be"):
+        validate({"data": {"cache_dir": cache_dir, key: value}})
 
 
 def test_streaming_bundle_resumes(jsonl_corpus, cache_dir):
