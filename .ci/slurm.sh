@@ -32,24 +32,33 @@ dump_logs() {
   done
 }
 
-# SIGTERM by pid file, then SIGKILL whatever is still up after 5 s.
-stop_pidfile() {
-  local pidfile=$1 name=$2 pid
-  alive "$pidfile" || { rm -f "$pidfile"; return 0; }
-  pid=$(cat "$pidfile")
-  kill "$pid" 2>/dev/null || true
-  for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-  if kill -0 "$pid" 2>/dev/null; then
-    log "$name ($pid) ignored SIGTERM; sending SIGKILL"
-    kill -9 "$pid" 2>/dev/null || true
-  fi
-  rm -f "$pidfile"
+# SIGTERM to every daemon named by these pid files at once (each takes ~2 s to save its state and
+# exit), then SIGKILL whatever is still up after 10 s.
+stop_pidfiles() {
+  local f pids=()
+  for f in "$@"; do
+    if alive "$f"; then pids+=("$(cat "$f")"); kill "${pids[-1]}" 2>/dev/null || true; fi
+  done
+  local pid
+  for _ in $(seq 100); do
+    local up=0
+    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && up=1; done
+    ((up)) || break
+    sleep 0.1
+  done
+  for pid in "${pids[@]}"; do
+    if kill -0 "$pid" 2>/dev/null; then
+      log "pid $pid ignored SIGTERM; sending SIGKILL"
+      kill -9 "$pid" 2>/dev/null || true
+    fi
+  done
+  rm -f "$@"
 }
 
 stop_slurm() {
-  local n
-  for n in "${NODES[@]}"; do stop_pidfile "$STATE/slurmd-$n.pid" "slurmd $n"; done
-  stop_pidfile "$STATE/slurmctld.pid" slurmctld
+  local n files=("$STATE/slurmctld.pid")
+  for n in "${NODES[@]}"; do files+=("$STATE/slurmd-$n.pid"); done
+  stop_pidfiles "${files[@]}"
 }
 
 install_packages() {
@@ -186,6 +195,13 @@ wait_ready() {
     fi
     sleep 0.2
   done
+  # sinfo can show a recovered "idle" before a slurmd has registered: prove it with a real step
+  local out
+  if ! out=$(timeout 30 srun -N "${#NODES[@]}" -n "${#NODES[@]}" --time=1 hostname 2>&1); then
+    echo "$out" >&2
+    dump_logs
+    die "nodes look idle but a ${#NODES[@]}-node srun failed (logs above)"
+  fi
 }
 
 main() {
@@ -193,7 +209,7 @@ main() {
   case "${1:-start}" in
     stop)
       stop_slurm
-      stop_pidfile /run/munge/munged.pid munged
+      stop_pidfiles /run/munge/munged.pid
       log "slurmctld, slurmd ${NODES[*]} and munged stopped"
       return 0 ;;
     status)

@@ -11,9 +11,11 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 import configs
-from trainer.config import ConfigError, PlaitConfig, as_dict, check_combinations, env_world_size, to_schema
+from trainer.config import (ConfigError, PlaitConfig, as_dict, check_combinations, env_world_size,
+                            register_schema, to_schema)
 from trainer.launch import detect_launcher, run_rank, spawn_local
 
+register_schema()
 CONFIG_DIR = str(Path(configs.__file__).parent)
 EXIT_BAD_INPUT = 2
 _composed = False  # set once Hydra has composed a config: errors before that are config errors

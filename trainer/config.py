@@ -85,12 +85,12 @@ class ParallelConfig:
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 200
+    max_steps: int = 1000
     batch_size: int = 16  # global batch: sequences per optimizer step, over all data-parallel ranks
     grad_accum: int = 1
     precision: str = choice("fp32", "bf16")
     log_every: int = 10
-    eval_every: int = 50  # 0 = only at the end
+    eval_every: int = 250  # 0 = only at the end
     eval_batches: int = 4
     sample_prompt: str = "def "
     sample_tokens: int = 48
@@ -100,7 +100,7 @@ class TrainerConfig:
 @dataclass
 class CheckpointConfig:
     dir: str = "${run_dir}/checkpoints"
-    every: int = 0  # steps between saves; 0 = only the final one
+    every: int = 250  # steps between saves; 0 = only the final one
     keep_last: int = 3  # 0 keeps all
     resume: str = "none"  # none | latest | auto (latest if any) | path to a step directory
     save_final: bool = True
@@ -284,6 +284,9 @@ def check_combinations(cfg: PlaitConfig, world_size: Optional[int] = None) -> in
     if d.tokenizer == "train" and d.tokenizer_train_bytes < 1:
         raise ConfigError(f"data.tokenizer_train_bytes={d.tokenizer_train_bytes} must be >= 1")
     src = cfg.data.source
+    if not src:
+        raise ConfigError("data.source is not set; allowed: stdlib, or a local .txt/.jsonl/.json/.parquet "
+                          "file or a directory of them (data=local data.source=PATH)")
     if src != "stdlib" and not os.path.exists(os.path.expanduser(src)):
         raise ConfigError(
             f"data.source={src!r}: no such file or directory; allowed: stdlib, or a local "
@@ -348,6 +351,14 @@ def validate(cfg: DictConfig | dict, world_size: Optional[int] = None) -> PlaitC
         world_size = env_world_size()
     check_combinations(typed, world_size)
     return typed
+
+
+def register_schema() -> None:
+    """Make the schema Hydra's base config (`plait_schema`): the YAML tree then only states what
+    differs from these defaults, and Hydra type-checks every override as it composes."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="plait_schema", node=PlaitConfig)
 
 
 def as_dict(cfg: PlaitConfig) -> dict:

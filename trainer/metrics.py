@@ -85,6 +85,9 @@ class MetricLogger:
                 mode=cfg.mode, name=config.get("name"), config=config, dir=run_dir,
                 resume="allow", id=_wandb_id(run_dir),
             )
+            where = self.wandb_run.dir.rsplit("/files", 1)[0]
+            hint = f"; upload it with `wandb sync {where}`" if cfg.mode == "offline" else ""
+            self.text(f"wandb: {cfg.mode} run {self.wandb_run.id} in {where}{hint}")
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.is_main:

@@ -311,7 +311,7 @@ def submit(launcher: LauncherConfig, fn: Callable, args: tuple, folder: str, job
             return executor.submit(fn, *args)
     except submitit.core.utils.FailedJobError as err:
         # sbatch refused the job (unknown partition, too many nodes, bad option): its own words
-        raise SlurmError(f"sbatch refused the job:\n{str(err).strip()}") from None
+        raise SlurmError(f"sbatch did not accept the job:\n{str(err).strip()}") from None
     finally:
         if echoed.getvalue() and sys.exc_info()[0] is None:
             sys.stderr.write(echoed.getvalue())

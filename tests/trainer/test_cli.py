@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY
+from plait_testing import TINY
 
 REPO = Path(__file__).resolve().parents[2]
 

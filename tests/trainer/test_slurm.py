@@ -73,9 +73,13 @@ def _cluster_problem() -> str | None:
     if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
         return "Slurm's client tools are not installed (bash .ci/slurm.sh installs and starts a cluster)"
     try:
+        # answers at once, where sinfo retries a down controller for ~20 s
+        ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=15)
+        if ping.returncode != 0:
+            return f"slurmctld does not answer ({ping.stdout.splitlines()[0] if ping.stdout else ping.stderr.strip()}); run bash .ci/slurm.sh"
         out = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=15)
-    except subprocess.TimeoutExpired:
-        return "sinfo timed out: slurmctld does not answer (bash .ci/slurm.sh)"
+    except (subprocess.TimeoutExpired, OSError) as err:
+        return f"Slurm does not answer ({err}); run bash .ci/slurm.sh"
     usable = {"idle", "mix", "alloc", "comp"}
     if out.returncode != 0 or not usable & set(out.stdout.split()):
         detail = (out.stderr or out.stdout).strip()[:200]
