@@ -213,8 +213,8 @@ main() {
       log "slurmctld, slurmd ${NODES[*]} and munged stopped"
       return 0 ;;
     status)
-      sinfo -N
-      return 0 ;;
+      scontrol ping && sinfo -N
+      return ;;
     start) ;;
     *) die "usage: $0 [start|stop|status]" ;;
   esac
@@ -229,7 +229,7 @@ main() {
   local conf
   conf=$(render_conf)
   if [[ ! -f $CONF ]] || [[ $conf != "$(cat "$CONF")" ]]; then
-    if cluster_up || alive "$STATE/slurmctld.pid"; then
+    if compgen -G "$STATE/*.pid" >/dev/null; then
       log "slurm.conf changed: restarting the daemons"
       stop_slurm
     fi

@@ -129,16 +129,23 @@ def stored_keys(path: Path) -> set[str]:
 
 
 class Checkpointer:
-    """Save, find and load checkpoints of a run; `group` carries the checkpoint collectives."""
+    """Save, find and load checkpoints of a run.
+
+    `group` carries DCP's collectives (with async saves they run in a background thread, so it must
+    be a group nothing else uses); barriers between ranks use the default group, from the main
+    thread only.
+    """
 
     def __init__(self, directory: str, keep_last: int = 3, meta: Optional[dict] = None,
-                 group: Optional[dist.ProcessGroup] = None):
+                 group: Optional[dist.ProcessGroup] = None, async_save: bool = False):
         self.dir = Path(directory)
         self.keep_last = keep_last
         self.meta = meta or {}
         self.group = group
+        self.async_save = async_save
         self.distributed = dist.is_initialized()
         self.rank = dist.get_rank() if self.distributed else 0
+        self._pending: Optional[tuple] = None  # (future, tmp, final, step, keys, counters, start)
 
     # ---- finding --------------------------------------------------------------------------
     def list(self) -> list[Path]:
@@ -174,25 +181,58 @@ class Checkpointer:
     # ---- saving ---------------------------------------------------------------------------
     def _barrier(self) -> None:
         if self.distributed:
-            dist.barrier(group=self.group)
+            dist.barrier()
 
     def save(self, step: int, components: dict[str, Stateful], counters: Optional[dict] = None) -> Path:
+        """Write a checkpoint of `components` at `step`. With async_save the state is staged to CPU
+        memory and written in the background; it is made visible (manifest, rename, `latest`) at the
+        next `poll()`, `wait()` or `save()`."""
+        self.wait()
         final = self.dir / step_dirname(step)
         tmp = self.dir / f".tmp-{final.name}"
         if self.rank == 0:
             self.dir.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
+            for stale in self.dir.glob(".tmp-*"):  # left by a crash: never a complete checkpoint
+                shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir()
         self._barrier()
         start = time.perf_counter()
-        dcp.save(dict(components), storage_writer=dcp.FileSystemWriter(str(tmp)), process_group=self.group)
-        self._barrier()
-        if self.rank == 0:
-            self._finalize(tmp, final, step, components, counters or {}, time.perf_counter() - start)
-        self._barrier()
+        writer = dcp.FileSystemWriter(str(tmp))
+        job = (tmp, final, step, sorted(components), counters or {}, start)
+        if self.async_save:
+            future = dcp.async_save(dict(components), storage_writer=writer, process_group=self.group)
+            self._pending = (future, *job)
+        else:
+            dcp.save(dict(components), storage_writer=writer, process_group=self.group)
+            self._complete(*job)
         return final
 
-    def _finalize(self, tmp: Path, final: Path, step: int, components: dict, counters: dict,
+    def _complete(self, tmp: Path, final: Path, step: int, keys: list, counters: dict, start: float) -> None:
+        self._barrier()
+        if self.rank == 0:
+            self._finalize(tmp, final, step, keys, counters, time.perf_counter() - start)
+        self._barrier()
+
+    def poll(self) -> Optional[Path]:
+        """At a step boundary: complete a finished background save (ranks agree before acting)."""
+        if self._pending is None:
+            return None
+        done = torch.tensor([int(self._pending[0].done())])
+        if self.distributed:
+            dist.all_reduce(done, op=dist.ReduceOp.MIN)
+        return self.wait() if done.item() else None
+
+    def wait(self) -> Optional[Path]:
+        """Block until a background save is written, then complete it; returns its path."""
+        if self._pending is None:
+            return None
+        future, *job = self._pending
+        self._pending = None
+        future.result()
+        self._complete(*job)
+        return job[1]
+
+    def _finalize(self, tmp: Path, final: Path, step: int, keys: list, counters: dict,
                   seconds: float) -> None:
         files = {f.name: {"size": f.stat().st_size, "checksum": file_checksum(f)}
                  for f in sorted(tmp.iterdir()) if f.is_file()}
@@ -200,7 +240,7 @@ class Checkpointer:
             "format_version": FORMAT_VERSION,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "counters": {"step": step, **counters},
-            "components": sorted(components),
+            "components": keys,
             "files": files,
             "save_seconds": round(seconds, 3),
             "versions": package_versions(),

@@ -13,11 +13,11 @@ from omegaconf import DictConfig, OmegaConf
 import configs
 from trainer.config import (ConfigError, PlaitConfig, as_dict, check_combinations, env_world_size,
                             register_schema, to_schema)
-from trainer.launch import detect_launcher, run_rank, spawn_local
+from trainer.launch import EXIT_BAD_INPUT, detect_launcher, run_rank, spawn_local
+from trainer.preemption import requeued
 
 register_schema()
 CONFIG_DIR = str(Path(configs.__file__).parent)
-EXIT_BAD_INPUT = 2
 _composed = False  # set once Hydra has composed a config: errors before that are config errors
 
 
@@ -50,28 +50,42 @@ def preflight(cfg: PlaitConfig) -> None:
              "use checkpoint.resume=auto to start fresh when there is none")
 
 
-def launch(raw: DictConfig) -> None:
-    try:
-        cfg = to_schema(raw)
-        world = check_combinations(cfg, env_world_size())
-    except ConfigError as err:
-        fail(f"bad config: {err}")
-    cfg_dict = as_dict(cfg)
-    launcher = detect_launcher()
-    preflight(cfg)  # on every rank, so a refusal never leaves the others waiting for a peer
-    if cfg.launcher.name == "slurm" and launcher is None:
-        from trainer.slurm import sbatch_script, submit, wait_and_report
+def submit_to_slurm(cfg: PlaitConfig, cfg_dict: dict, world: int) -> None:
+    from trainer.slurm import SlurmError, SlurmJobFailed, sbatch_script, submit, wait_and_report
 
-        folder = str(Path(cfg.run_dir) / "slurm")
+    folder = str(Path(cfg.run_dir) / "slurm")
+    try:
         if cfg.launcher.dry_run:
             print(sbatch_script(cfg.launcher, folder, cfg.name, world))
             return
         save_resolved(cfg)
         job = submit(cfg.launcher, run_rank, (cfg_dict,), folder, cfg.name, world)
         print(f"plait: submitted Slurm job {job.job_id} ({cfg.launcher.nodes} node(s), {world} task(s)); "
-              f"logs in {folder}")
+              f"logs in {folder}", flush=True)
         if cfg.launcher.wait:
             wait_and_report(job)
+    except ConfigError as err:
+        fail(f"bad config: {err}")
+    except SlurmJobFailed as err:
+        print(f"plait: error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except SlurmError as err:  # Slurm missing or the job refused: nothing ran
+        fail(str(err))
+
+
+def launch(raw: DictConfig) -> None:
+    try:
+        cfg = to_schema(raw)
+        world = check_combinations(cfg, env_world_size())
+    except ConfigError as err:
+        fail(f"bad config: {err}")
+    if requeued() and cfg.checkpoint.resume == "none":
+        cfg.checkpoint.resume = "auto"  # a requeued Slurm job continues from its own checkpoint
+    cfg_dict = as_dict(cfg)
+    launcher = detect_launcher()
+    preflight(cfg)  # on every rank, so a refusal never leaves the others waiting for a peer
+    if cfg.launcher.name == "slurm" and launcher is None:
+        submit_to_slurm(cfg, cfg_dict, world)
         return
     save_resolved(cfg)
     if launcher is None and world > 1:

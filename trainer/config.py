@@ -104,7 +104,8 @@ class CheckpointConfig:
     keep_last: int = 3  # 0 keeps all
     resume: str = "none"  # none | latest | auto (latest if any) | path to a step directory
     save_final: bool = True
-    async_save: bool = False
+    async_save: bool = False  # write in a background thread while training goes on
+    init_from: str = ""  # a checkpoint whose model weights start this run (optimizer, data: fresh)
 
 
 @dataclass
@@ -181,8 +182,8 @@ def env_world_size() -> Optional[int]:
     """World size a launcher (torchrun, accelerate, srun) has already fixed, if any."""
     for var in ("WORLD_SIZE", "SLURM_NTASKS"):
         if os.environ.get(var):
-            if var == "SLURM_NTASKS" and not os.environ.get("SLURM_PROCID"):
-                continue  # inside sbatch but not under srun: not a rank yet
+            if var == "SLURM_NTASKS" and not (os.environ.get("SLURM_PROCID") and os.environ.get("SLURM_STEP_ID")):
+                continue  # inside an sbatch script but not an srun task: not a rank yet
             return int(os.environ[var])
     return None
 
@@ -283,6 +284,9 @@ def check_combinations(cfg: PlaitConfig, world_size: Optional[int] = None) -> in
         raise ConfigError(f"data.max_tokens={d.max_tokens} must be >= 0 (0 = the whole corpus)")
     if d.tokenizer == "train" and d.tokenizer_train_bytes < 1:
         raise ConfigError(f"data.tokenizer_train_bytes={d.tokenizer_train_bytes} must be >= 1")
+    init = cfg.checkpoint.init_from
+    if init and not os.path.isdir(init):
+        raise ConfigError(f"checkpoint.init_from={init!r}: no such checkpoint directory")
     src = cfg.data.source
     if not src:
         raise ConfigError("data.source is not set; allowed: stdlib, or a local .txt/.jsonl/.json/.parquet "

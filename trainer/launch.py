@@ -19,7 +19,11 @@ import torch
 import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
 
+from trainer.checkpoint import CheckpointError
 from trainer.config import PlaitConfig, validate
+from trainer.preemption import EXIT_REQUEUE, Preempted, requeue_slurm_job, requeued
+
+EXIT_BAD_INPUT = 2
 
 PG_TIMEOUT = timedelta(minutes=int(os.environ.get("PLAIT_PG_TIMEOUT_MIN", "10")))
 
@@ -105,12 +109,27 @@ def resolve_target(path: str):
 
 @record
 def run_rank(cfg_dict: dict) -> None:
-    """Entry point of every rank: validate, init the process group, run the task, tear down."""
+    """Entry point of every rank: validate, init the process group, run the task, tear down.
+
+    Exit status: 0 done, 2 bad input (config or checkpoint), 75 preempted and saved (requeue me).
+    """
     cfg = validate(cfg_dict)
+    if requeued() and cfg.checkpoint.resume == "none":
+        cfg.checkpoint.resume = "auto"  # a requeued Slurm job continues from its own checkpoint
     env = init_distributed(cfg)
     seed_everything(cfg.seed)
     try:
         resolve_target(cfg.task["_target_"])(cfg, env)
+    except CheckpointError as err:
+        prefix = f"[rank {env.rank}] " if env.world_size > 1 else ""
+        print(f"plait: error: {prefix}bad checkpoint: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_BAD_INPUT) from None
+    except Preempted as stop:
+        requeue = requeue_slurm_job()
+        if env.is_main:
+            print(f"plait: {stop}; checkpoint saved"
+                  f"{', job requeued' if requeue else ''}; exiting {EXIT_REQUEUE}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_REQUEUE) from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -142,6 +161,8 @@ def spawn_local(world_size: int, cfg_dict: dict) -> None:
         elastic_launch(config, entrypoint=run_rank)(cfg_dict)
     except ChildFailedError as err:
         failure = min(err.failures.items())[1]
+        if failure.exitcode in (EXIT_BAD_INPUT, EXIT_REQUEUE):  # already explained by the rank
+            raise SystemExit(failure.exitcode) from None
         print(f"\nrank {failure.local_rank} failed (exit code {failure.exitcode}):", file=sys.stderr)
         print(failure.error_file_data.get("message", {}).get("extraInfo", {}).get("py_callstack", "")
               if isinstance(failure.error_file_data, dict) and failure.error_file_data else

@@ -16,6 +16,7 @@ from parallel.grad import clip_grad_norm
 from trainer.checkpoint import Checkpointer
 from trainer.config import PlaitConfig
 from trainer.metrics import MetricLogger, memory_gib
+from trainer.preemption import Preempted, PreemptionHandler
 from trainer.state import Progress
 
 
@@ -36,6 +37,7 @@ class LoopParts:
     dp_group: Optional[dist.ProcessGroup]
     checkpointer: Optional[Checkpointer]
     components: dict  # name -> Stateful, what a checkpoint holds
+    preemption: Optional[PreemptionHandler] = None
 
 
 class TrainLoop:
@@ -102,7 +104,18 @@ class TrainLoop:
             self.progress.step, self.p.components,
             counters={"samples": self.progress.samples, "tokens": self.progress.tokens},
         )
-        self.logger.text(f"checkpoint: {path}")
+        background = " (writing in the background)" if self.p.checkpointer.async_save else ""
+        self.logger.text(f"checkpoint: {path}{background}")
+
+    def stop_if_preempted(self, saved: bool) -> None:
+        """At a step boundary: if a preemption signal came, make sure this step is on disk, then stop."""
+        if self.p.preemption is None or not self.p.preemption.requested(self.device):
+            return
+        if not saved:
+            self.save()
+        if self.p.checkpointer is not None:
+            self.p.checkpointer.wait()
+        raise Preempted(self.progress.step, self.p.preemption.received)
 
     def eval_and_sample(self) -> dict:
         loss = self.evaluate()
@@ -152,10 +165,16 @@ class TrainLoop:
                 self.logger.log(step, metrics)
                 history.update(metrics)
             every = cfg.checkpoint.every
-            if (every and step % every == 0) or (step == t.max_steps and cfg.checkpoint.save_final):
+            saved = (every and step % every == 0) or (step == t.max_steps and cfg.checkpoint.save_final)
+            if saved:
                 self.save()
+            elif self.p.checkpointer is not None:
+                self.p.checkpointer.poll()
+            self.stop_if_preempted(bool(saved))
             if window_steps == 0:  # time the next window from here: eval and saves excluded
                 window_start = time.perf_counter()
+        if self.p.checkpointer is not None:
+            self.p.checkpointer.wait()
         return history
 
 

@@ -22,6 +22,7 @@ from trainer.models import build_model
 from trainer.models.llama import flops_per_token, generate, num_params
 from trainer.models.loss import cross_entropy_loss
 from trainer.optim import build_optimizer, build_scheduler
+from trainer.preemption import PreemptionHandler
 from trainer.state import ModelState, OptimizerState, Progress, RNGState
 
 
@@ -81,12 +82,15 @@ def run(cfg: PlaitConfig, env: DistEnv) -> dict:
     # Checkpoint collectives get their own group: sharing the training loop's can deadlock.
     group = dist.new_group(backend="gloo") if dist.is_initialized() else None
     checkpointer = Checkpointer(
-        cfg.checkpoint.dir, cfg.checkpoint.keep_last, group=group,
+        cfg.checkpoint.dir, cfg.checkpoint.keep_last, group=group, async_save=cfg.checkpoint.async_save,
         meta={"task": cfg.task["name"], "config": as_dict(cfg), "world_size": env.world_size,
               "layout": {"pp": dims.pp, "dp_replicate": dims.dp_replicate, "dp_shard": dims.dp_shard,
                          "tp": dims.tp}},
     )
     resume = checkpointer.resolve(cfg.checkpoint.resume)
+    if resume is None and cfg.checkpoint.init_from:
+        checkpointer.load(cfg.checkpoint.init_from, {"model": components["model"]})
+        log.text(f"model weights from {cfg.checkpoint.init_from}")
     if resume is not None:
         if f"rng.{rng.key}.torch" not in stored_keys(resume):
             log.text(f"checkpoint has no RNG stream for rank {env.rank} (saved on another layout): reseeding")
@@ -105,13 +109,14 @@ def run(cfg: PlaitConfig, env: DistEnv) -> dict:
             flops_per_token=flops_per_token(cfg.model, cfg.data.seq_len),
             peak_flops=peak_flops(env.device, cfg.trainer.peak_flops),
             dp_group=mesh["dp"].get_group() if mesh is not None else None,
-            checkpointer=checkpointer, components=components,
+            checkpointer=checkpointer, components=components, preemption=PreemptionHandler(),
         ),
         env.device, progress, log, env.world_size,
     )
     try:
         history = loop.fit()
     finally:
+        loop.p.preemption.restore()
         log.close()
     if env.is_main and "eval/loss" in history:
         first = history.get("first_eval_loss")

@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional
 
 from trainer.config import ConfigError, LauncherConfig
 
-# Below Linux's ephemeral range (32768-60999), so a derived port never collides with a client socket.
+# Below Linux's ephemeral range (32768-60999): a derived port never collides with a client socket.
 PORT_BASE, PORT_SPAN = 15000, 17000
 # A failing rank takes the others down at once instead of leaving them blocked in a collective.
 SRUN_ARGS = ("--kill-on-bad-exit=1",)
@@ -31,7 +31,9 @@ SRUN_ARGS = ("--kill-on-bad-exit=1",)
 MANAGED_OPTIONS = {"nodes", "ntasks", "ntasks_per_node", "output", "error", "job_name", "array"}
 # sbatch exports the submitting shell's environment; its rendezvous variables describe that shell,
 # not the job, and would override what apply_slurm_env derives. launcher.setup runs after this.
-RENDEZVOUS_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+RENDEZVOUS_VARS = (
+    "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+)
 FINISHED_STATES = {
     "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
     "BOOT_FAIL", "DEADLINE", "SPECIAL_EXIT", "REVOKED",
@@ -44,7 +46,7 @@ class SlurmError(RuntimeError):
 
 
 class SlurmJobFailed(SlurmError):
-    """The job ended without a result from every task; `job_id`, `state` and `logs` say where to look."""
+    """The job ended without a result from every task; `job_id`, `state`, `logs` say where to look."""
 
     def __init__(self, message: str, job_id: str, state: str, logs: list[str]):
         super().__init__(message)
@@ -267,8 +269,8 @@ def sbatch_parameters(launcher: LauncherConfig, job_name: str, world_size: int) 
 
 def _submit_command(folder: str) -> str:
     # what submitit.SlurmExecutor runs in every task (its `_submitit_command_str`)
-    python = shlex.quote(sys.executable)
-    return f"{python} -u -m submitit.core._submit {shlex.quote(str(Path(folder).expanduser().absolute()))}"
+    folder = shlex.quote(str(Path(folder).expanduser().absolute()))
+    return f"{shlex.quote(sys.executable)} -u -m submitit.core._submit {folder}"
 
 
 def sbatch_script(launcher: LauncherConfig, folder: str, job_name: str, world_size: int) -> str:
@@ -358,6 +360,19 @@ def _is_error(paths) -> bool:
         return False
 
 
+def _srun_errors(batch_err: Path) -> tuple[list[str], Optional[int]]:
+    """srun's per-task verdicts from the batch script's stderr (task 0's .err under submitit),
+    and the first task that failed on its own rather than being terminated by srun."""
+    verdicts, culprit = [], None
+    for line in _tail(batch_err, 200).splitlines():
+        match = re.search(r"srun: error: \S+: tasks? (\d+)\S*: (.+)", line)
+        if match:
+            verdicts.append(line.strip())
+            if culprit is None and "Terminated" not in match.group(2):
+                culprit = int(match.group(1))
+    return verdicts, culprit
+
+
 def _tail(path: Path, lines: int = 40) -> str:
     try:
         return "".join(path.read_text(errors="replace").splitlines(keepends=True)[-lines:])
@@ -398,7 +413,7 @@ def wait_and_report(job, stream: bool = True, timeout_s: Optional[float] = None,
     tasks = [job.task(t).paths for t in range(job.num_tasks)]
     follower = _Follower(tasks[0].stdout, f"[{job_id} rank 0] ") if stream else None
     start, last_state, ended_at = time.monotonic(), "", None
-    state, exit_code, next_check, interval = "UNKNOWN", "", 0.0, poll_s
+    state, exit_code, next_check = "UNKNOWN", "", 0.0
     try:
         while True:
             if follower:
@@ -412,8 +427,7 @@ def wait_and_report(job, stream: bool = True, timeout_s: Optional[float] = None,
                     print(f"plait: Slurm job {job_id}: {state}", flush=True)
                 last_state = state
                 # poll slurmctld every poll_s at first, backing off to 30 s on long jobs
-                interval = min(30.0, max(poll_s, (now - start) / 10))
-                next_check = now + interval
+                next_check = now + min(30.0, max(poll_s, (now - start) / 10))
             if state in FINISHED_STATES or state == "GONE":
                 ended_at = ended_at or now
                 # a rank's traceback is already there; otherwise give a shared FS time to catch up
@@ -443,7 +457,8 @@ def wait_and_report(job, stream: bool = True, timeout_s: Optional[float] = None,
         state, exit_code = job_state(job_id)
     errors = [rank for rank, o in sorted(outcomes.items()) if o[0] == "error"]
     missing = [rank for rank in range(len(tasks)) if rank not in outcomes]
-    blame = errors[0] if errors else missing[0]
+    verdicts, culprit = _srun_errors(tasks[0].stderr)
+    blame = errors[0] if errors else culprit if culprit in missing else missing[0]
     paths = tasks[blame]
     ended = f" (state {state}, exit code {exit_code})" if state in FINISHED_STATES else ""
     lines = [f"Slurm job {job_id} failed{ended}"]
@@ -453,11 +468,13 @@ def wait_and_report(job, stream: bool = True, timeout_s: Optional[float] = None,
     if missing:
         lines.append(f"rank(s) {missing} left no result (killed, crashed, cancelled or timed out; "
                      "with one failing rank srun stops the others)")
-    for name in ("stderr", "stdout"):
-        log = getattr(paths, name)
-        tail = _tail(log)
-        if tail.strip() and not errors:
-            lines += [f"--- last lines of rank {blame}'s {name} ({log}):", tail.rstrip()]
+    if not errors:
+        lines += verdicts
+        for name in ("stderr", "stdout"):
+            log = getattr(paths, name)
+            tail = _tail(log)
+            if tail.strip():
+                lines += [f"--- last lines of rank {blame}'s {name} ({log}):", tail.rstrip()]
     logs = [str(p) for t in tasks for p in (t.stdout, t.stderr)]
     lines.append(f"logs: {paths.stdout.parent}/{job_id}_<rank>_log.{{out,err}}")
     raise SlurmJobFailed("\n".join(lines), job_id, state, logs)

@@ -46,6 +46,15 @@ def fail_on_rank_1(message: str) -> str:
     return "rank 0 was not stopped"
 
 
+def crash_on_rank_1() -> str:
+    """Rank 1 dies without a Python exception (as on a segfault or the OOM killer)."""
+    if os.environ["SLURM_PROCID"] == "1":
+        print("plait-slurm-test: rank 1 about to die", file=sys.stderr, flush=True)
+        os._exit(3)
+    time.sleep(300)
+    return "rank 0 was not stopped"
+
+
 # ----------------------------------------------------------------------------- helpers
 
 # root of this module's import name (tests/trainer for "test_slurm", the repo for "tests.trainer...")
@@ -71,12 +80,13 @@ def _launcher(**overrides) -> LauncherConfig:
 
 def _cluster_problem() -> str | None:
     if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
-        return "Slurm's client tools are not installed (bash .ci/slurm.sh installs and starts a cluster)"
+        return "Slurm's client tools are not installed (bash .ci/slurm.sh installs and starts one)"
     try:
         # answers at once, where sinfo retries a down controller for ~20 s
         ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=15)
         if ping.returncode != 0:
-            return f"slurmctld does not answer ({ping.stdout.splitlines()[0] if ping.stdout else ping.stderr.strip()}); run bash .ci/slurm.sh"
+            said = (ping.stdout or ping.stderr).strip().splitlines()[:1]
+            return f"slurmctld does not answer ({' '.join(said)}); run bash .ci/slurm.sh"
         out = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=15)
     except (subprocess.TimeoutExpired, OSError) as err:
         return f"Slurm does not answer ({err}); run bash .ci/slurm.sh"
@@ -257,7 +267,26 @@ def test_failing_rank_surfaces_its_traceback(tmp_path, cancel_jobs):
         slurm.wait_and_report(job, timeout_s=80)
     message = str(info.value)
     assert f"Slurm job {job.job_id} failed" in message
-    assert "ValueError: plait-slurm-test deliberate failure" in message and "rank(s) [1] raised" in message
+    assert "ValueError: plait-slurm-test deliberate failure" in message
+    assert "rank(s) [1] raised" in message
     assert info.value.state in ("FAILED", "CANCELLED", "GONE") and info.value.logs
     # srun's --kill-on-bad-exit stopped rank 0, which would have slept for 300 s
     assert time.monotonic() - start < 60
+
+
+@pytest.mark.slurm
+@needs_cluster
+@pytest.mark.timeout(90)
+def test_crashed_rank_is_reported_with_its_log(tmp_path, cancel_jobs, monkeypatch):
+    monkeypatch.setattr(slurm, "RESULT_GRACE_S", 2.0)  # local disk: result files never lag
+    job = slurm.submit(_launcher(nodes=2, timeout_min=2), crash_on_rank_1, (), str(tmp_path),
+                       "plait-crash", 2)
+    cancel_jobs.append(job)
+    with pytest.raises(slurm.SlurmJobFailed) as info:
+        slurm.wait_and_report(job, timeout_s=80)
+    message = str(info.value)
+    assert "rank(s) [0, 1] left no result" in message and "exit code" in message
+    # srun's verdict names the rank that died, and that rank's own last words are shown
+    assert "task 1: Exited with exit code 3" in message
+    assert "plait-slurm-test: rank 1 about to die" in message
+    assert info.value.state in ("FAILED", "CANCELLED")
