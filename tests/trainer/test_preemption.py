@@ -1,0 +1,63 @@
+"""Preemption: a signal saves at the next step boundary, exits 75, and the resumed run continues
+exactly where an uninterrupted one would be."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from plait_testing import TINY
+from trainer.preemption import EXIT_REQUEUE
+
+
+def start(tmp_path, *args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "trainer", *TINY, *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def losses(run_dir):
+    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+def test_signal_saves_exits_75_and_resume_is_exact(tmp_path, sig):
+    steps = ["trainer.max_steps=60", "checkpoint.every=1000"]
+    proc = start(tmp_path, *steps, "name=cut")
+    for line in proc.stdout:
+        if line.startswith("step") and "loss" in line and int(line.split()[1]) >= 5:
+            proc.send_signal(sig)
+            break
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_REQUEUE, err[-2000:]
+    assert "preempted by" in err and "checkpoint saved" in err
+    cut = tmp_path / "runs" / "cut"
+    saved = json.loads((cut / "checkpoints" / "latest").read_text() and
+                       (cut / "checkpoints" / (cut / "checkpoints" / "latest").read_text().strip() / "plait.json").read_text())
+    k = saved["counters"]["step"]
+    assert 5 <= k < 60
+    before = losses(cut)
+    assert max(before) == k  # stopped at the boundary it saved
+    resumed = start(tmp_path, *steps, "name=cut", "checkpoint.resume=latest")
+    assert resumed.wait(timeout=180) == 0, resumed.stderr.read()[-2000:]
+    whole = start(tmp_path, *steps, "name=whole")
+    assert whole.wait(timeout=180) == 0
+    after, reference = losses(cut), losses(tmp_path / "runs" / "whole")
+    assert sorted(after) == list(range(1, 61))
+    assert after == reference
+
+
+def test_cli_refuses_a_damaged_checkpoint_with_exit_2(tmp_path):
+    ok = start(tmp_path, "trainer.max_steps=2", "name=a")
+    assert ok.wait(timeout=120) == 0
+    step = tmp_path / "runs" / "a" / "checkpoints" / "step_000000002"
+    shard = max(step.glob("*.distcp"), key=lambda f: f.stat().st_size)
+    shard.write_bytes(shard.read_bytes()[:100])
+    bad = start(tmp_path, "trainer.max_steps=3", "name=a", "checkpoint.resume=latest")
+    _, err = bad.communicate(timeout=120)
+    assert bad.returncode == 2, err[-2000:]
+    assert "bad checkpoint" in err and shard.name in err and "truncated" in err
