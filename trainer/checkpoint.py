@@ -192,7 +192,7 @@ class Checkpointer:
         tmp = self.dir / f".tmp-{final.name}"
         if self.rank == 0:
             self.dir.mkdir(parents=True, exist_ok=True)
-            for stale in self.dir.glob(".tmp-*"):  # left by a crash: never a complete checkpoint
+            for stale in [*self.dir.glob(".tmp-*"), *self.dir.glob(".trash-*")]:  # left by a crash
                 shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir()
         self._barrier()
@@ -250,7 +250,7 @@ class Checkpointer:
         _write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=2, default=str))
         _fsync_dir(tmp)
         if final.exists():  # re-saving the same step (e.g. after a resume): replace it whole
-            shutil.rmtree(final)
+            self._discard(final)
         os.replace(tmp, final)
         _fsync_dir(self.dir)
         _write_atomic(self.dir / LATEST, final.name + "\n")
@@ -260,7 +260,14 @@ class Checkpointer:
         if self.keep_last <= 0:
             return
         for old in self.list()[: -self.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            self._discard(old)
+
+    def _discard(self, path: Path) -> None:
+        """Rename out of sight first, so a crash mid-delete never leaves a half checkpoint that
+        still looks complete."""
+        trash = path.with_name(f".trash-{path.name}")
+        os.replace(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
 
     # ---- loading --------------------------------------------------------------------------
     def load(self, path: Path, components: dict[str, Stateful], check_checksums: bool = True) -> dict:
