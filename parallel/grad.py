@@ -31,5 +31,13 @@ def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float,
     """gᵢ ← gᵢ · min(1, max_norm / ‖g‖₂); returns ‖g‖₂ before clipping (no host sync)."""
     norm = grad_norm(params, pp_group)
     if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
+        # One foreach kernel per kind of gradient: plain tensors, and DTensors per mesh (a foreach
+        # op refuses a list mixing plain tensors and DTensors, as under TP without FSDP).
+        groups: dict = {}
+        for p in params:
+            if p.grad is not None:
+                mesh = p.grad.device_mesh if isinstance(p.grad, DTensor) else None
+                groups.setdefault(mesh, []).append(p)
+        for group in groups.values():
+            torch.nn.utils.clip_grads_with_norm_(group, max_norm, norm, foreach=True)
     return norm

@@ -79,6 +79,7 @@ class ParallelConfig:
     virtual_stages: int = 1
     microbatches: int = 1
     schedule: str = choice("1f1b", "gpipe", "interleaved_1f1b")
+    sequence_parallel: bool = False  # with tp > 1: norms on sequence shards (less activation memory)
     dp_backend: str = choice("fsdp", "ddp", "deepspeed")
     activation_checkpoint: str = choice("none", "full", "selective")
 
@@ -249,29 +250,33 @@ def check_combinations(cfg: PlaitConfig, world_size: Optional[int] = None) -> in
             f"the per-rank batch {local} (trainer.batch_size / (dp*grad_accum)) is not divisible by "
             f"parallel.microbatches={p.microbatches}"
         )
-    # Refused until they land (3D parallelism): say so before any rank starts.
-    for key, value, ok in (("parallel.tp", p.tp, 1), ("parallel.pp", p.pp, 1)):
-        if value != ok:
-            raise ConfigError(f"{key}={value}: not available in this version of Plait; allowed: {ok} "
-                              "(data parallelism: parallel.dp_shard / parallel.dp_replicate)")
     if p.dp_backend == "deepspeed":
         raise ConfigError("parallel.dp_backend=deepspeed: not available in this version of Plait; "
                           "allowed: fsdp, ddp")
-    stages = p.pp * p.virtual_stages
+    if p.dp_backend == "ddp" and dp > 1 and (p.tp > 1 or p.pp > 1):
+        raise ConfigError(
+            f"parallel.dp_backend=ddp with parallel.{'tp' if p.tp > 1 else 'pp'}>1: DDP composes with neither "
+            "tensor-parallel (DTensor) parameters nor pipeline stages in torch 2.13; allowed: "
+            "parallel.dp_backend=fsdp"
+        )
+    if p.tp > 1 and p.sequence_parallel and cfg.data.seq_len % p.tp:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} is not divisible by parallel.tp={p.tp}, as "
+                          "parallel.sequence_parallel=true needs; change one or set it false")
     if p.pp == 1 and p.virtual_stages > 1:
         raise ConfigError("parallel.virtual_stages > 1 needs parallel.pp > 1")
-    if p.schedule == "interleaved_1f1b" and p.pp > 1 and p.virtual_stages < 2:
-        raise ConfigError("parallel.schedule=interleaved_1f1b needs parallel.virtual_stages >= 2")
-    if p.schedule in ("gpipe", "1f1b") and p.virtual_stages > 1:
-        raise ConfigError(
-            f"parallel.schedule={p.schedule} runs one stage per rank; with virtual_stages="
-            f"{p.virtual_stages} use parallel.schedule=interleaved_1f1b"
-        )
-    if stages > m.n_layers:
-        raise ConfigError(
-            f"pp*virtual_stages={stages} pipeline chunks but model.n_layers={m.n_layers}; "
-            "each chunk needs at least one layer"
-        )
+    if p.pp > 1:
+        from parallel.pipeline import schedule_problem
+
+        problem = schedule_problem(p.schedule, p.pp, p.virtual_stages, p.microbatches, m.n_layers)
+        if problem:
+            raise ConfigError(
+                f"parallel.schedule={p.schedule} with parallel.pp={p.pp}, parallel.virtual_stages="
+                f"{p.virtual_stages}, parallel.microbatches={p.microbatches}, model.n_layers={m.n_layers}: "
+                f"{problem}"
+            )
+        if m.tie_embeddings:
+            raise ConfigError("model.tie_embeddings=true with parallel.pp>1: the input embedding (first "
+                              "stage) and output layer (last stage) cannot share a weight; allowed: false")
     if cfg.checkpoint.resume not in ("none", "latest", "auto") and not os.path.isdir(cfg.checkpoint.resume):
         raise ConfigError(
             f"checkpoint.resume={cfg.checkpoint.resume!r}: no such checkpoint directory; "

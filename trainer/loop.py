@@ -6,13 +6,15 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Callable, ContextManager, Iterator, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from parallel.grad import clip_grad_norm
+from parallel.pipeline import Pipeline
+from parallel.tensor import plain_tensor
 from trainer.checkpoint import Checkpointer
 from trainer.config import PlaitConfig
 from trainer.metrics import MetricLogger, memory_gib
@@ -22,9 +24,10 @@ from trainer.state import Progress
 
 @dataclass
 class LoopParts:
-    """What a task hands the loop; `model` is what forward runs (possibly wrapped by DDP)."""
+    """What a task hands the loop; `model` is what forward runs (possibly wrapped by DDP), or None
+    when a pipeline runs forward and backward instead."""
 
-    model: nn.Module
+    model: Optional[nn.Module]
     parts: list[nn.Module]  # the unwrapped modules whose parameters this rank owns
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
@@ -37,6 +40,10 @@ class LoopParts:
     dp_group: Optional[dist.ProcessGroup]
     checkpointer: Optional[Checkpointer]
     components: dict  # name -> Stateful, what a checkpoint holds
+    pipeline: Optional[Pipeline] = None  # pp > 1: runs each batch through the stages
+    pp_group: Optional[dist.ProcessGroup] = None  # ranks holding the other stages of this pipeline
+    # what the loss (forward and backward) runs under, e.g. loss_parallel() for vocabulary-sharded logits
+    loss_context: Callable[[], ContextManager] = contextlib.nullcontext
     preemption: Optional[PreemptionHandler] = None
 
 
@@ -54,6 +61,9 @@ class TrainLoop:
         )
 
     def _mean_over_dp(self, value: torch.Tensor) -> float:
+        if self.p.pp_group is not None:  # only the last stage computed it; the others hold 0
+            value = value.clone()
+            dist.all_reduce(value, group=self.p.pp_group)
         if self.p.dp_group is not None:
             value = value.clone()
             dist.all_reduce(value, group=self.p.dp_group)
@@ -70,18 +80,24 @@ class TrainLoop:
             inputs, targets = next(self.p.train)
             inputs, targets = inputs.to(self.device), targets.to(self.device)
             tokens += inputs.numel()
-            with _no_sync(self.p.model, last=micro == accum - 1), self.autocast:
-                loss = self.p.loss_fn(self.p.model(inputs), targets) / accum
-            loss.backward()
-            total += loss.detach()
-        norm = clip_grad_norm(self.params, self.cfg.optim.grad_clip)
+            if self.p.pipeline is not None:  # forward and backward of every microbatch, scheduled
+                with self.p.loss_context(), self.autocast:
+                    total += self.p.pipeline.step(inputs, targets, loss_scale=1 / accum)
+                continue
+            with _no_sync(self.p.model, last=micro == accum - 1), self.p.loss_context():
+                with self.autocast:
+                    loss = self.p.loss_fn(self.p.model(inputs), targets) / accum
+                loss.backward()
+            total += plain_tensor(loss.detach())
+        norm = clip_grad_norm(self.params, self.cfg.optim.grad_clip, self.p.pp_group)
         self.p.optimizer.step()
         self.p.scheduler.step()
         return total, norm, tokens
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        self.p.model.eval()
+        for part in self.p.parts:
+            part.eval()
         losses = []
         val = self.p.make_val()
         for _ in range(self.cfg.trainer.eval_batches):
@@ -89,10 +105,14 @@ class TrainLoop:
                 inputs, targets = next(val)
             except StopIteration:
                 break
-            with self.autocast:
-                logits = self.p.model(inputs.to(self.device))
-            losses.append(self.p.loss_fn(logits, targets.to(self.device)))
-        self.p.model.train()
+            inputs, targets = inputs.to(self.device), targets.to(self.device)
+            with self.p.loss_context(), self.autocast:
+                if self.p.pipeline is not None:
+                    losses.append(self.p.pipeline.eval(inputs, targets))
+                else:
+                    losses.append(plain_tensor(self.p.loss_fn(self.p.model(inputs), targets)))
+        for part in self.p.parts:
+            part.train()
         if not losses:  # no held-out split (data.val_fraction=0)
             return float("nan")
         return self._mean_over_dp(torch.stack(losses).mean())

@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from parallel.mesh import ParallelDims, build_mesh, dp_coords
 from parallel.parallelize import parallelize
+from parallel.tensor import FullLogits, tp_loss_context
 from trainer.checkpoint import Checkpointer, stored_keys
 from trainer.config import PlaitConfig, as_dict
 from trainer.data import build_data
@@ -32,8 +33,12 @@ def parallel_dims(cfg: PlaitConfig) -> ParallelDims:
 
 
 def make_sampler(cfg: PlaitConfig, model, tokenizer, device):
-    """Sampling runs on every rank (sharded weights are gathered collectively) with the same
-    dedicated generator, so ranks stay in lockstep and the global RNG is untouched."""
+    """Sampling runs on every rank (sharded weights and logits are gathered collectively) with the
+    same dedicated generator, so ranks stay in lockstep and the global RNG is untouched."""
+    if cfg.parallel.pp > 1:  # generation through pipeline stages is not implemented
+        return None
+    if cfg.parallel.tp > 1:
+        model = FullLogits(model)
     prompt = torch.tensor([tokenizer.encode(cfg.trainer.sample_prompt).ids], device=device)
 
     def sample(step: int) -> str:
@@ -54,7 +59,8 @@ def run(cfg: PlaitConfig, env: DistEnv) -> dict:
 
     model = build_model(cfg.model, device=env.device)
     n_params = num_params(model)
-    model, parts = parallelize(model, mesh, cfg.parallel, cfg.trainer.precision)
+    model, parts, pipeline = parallelize(model, mesh, cfg.parallel, cfg.trainer.precision,
+                                         loss_fn=cross_entropy_loss)
     optimizer = build_optimizer(parts, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.trainer.max_steps)
 
@@ -72,6 +78,9 @@ def run(cfg: PlaitConfig, env: DistEnv) -> dict:
         f"{'streamed' if data.num_tokens is None else f'{data.num_tokens:,} tokens'} "
         f"(ready in {time.perf_counter() - start:.1f}s)"
     )
+
+    if dims.pp > 1 and cfg.trainer.sample_tokens > 0:
+        log.text("sampling skipped: generation through pipeline stages is not supported (parallel.pp > 1)")
 
     progress = Progress()
     rng = RNGState(env.rank)
@@ -109,6 +118,8 @@ def run(cfg: PlaitConfig, env: DistEnv) -> dict:
             flops_per_token=flops_per_token(cfg.model, cfg.data.seq_len),
             peak_flops=peak_flops(env.device, cfg.trainer.peak_flops),
             dp_group=mesh["dp"].get_group() if mesh is not None else None,
+            pipeline=pipeline, pp_group=mesh["pp"].get_group() if dims.pp > 1 else None,
+            loss_context=lambda: tp_loss_context(dims.tp > 1),
             checkpointer=checkpointer, components=components, preemption=PreemptionHandler(),
         ),
         env.device, progress, log, env.world_size,

@@ -53,6 +53,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         bs, seqlen, _ = x.shape
+        cos, sin = cos[:seqlen], sin[:seqlen]  # x holds the whole sequence, also under sequence parallelism
         # -1, not n_heads: a column-wise shard of wq/wk/wv holds only its local heads
         xq = self.wq(x).view(bs, seqlen, -1, self.head_dim)
         xk = self.wk(x).view(bs, seqlen, -1, self.head_dim)
@@ -156,9 +157,9 @@ class Llama(nn.Module):
         seqlen = h.shape[1]
         if seqlen > self.rope_cos.shape[0]:
             raise ValueError(f"sequence length {seqlen} exceeds model.max_seq_len={self.rope_cos.shape[0]}")
-        cos, sin = self.rope_cos[:seqlen], self.rope_sin[:seqlen]
+        # whole tables: attention slices them, since h may hold one sequence shard (sequence parallel)
         for layer in self.layers.values():
-            h = layer(h, cos, sin)
+            h = layer(h, self.rope_cos, self.rope_sin)
         h = self.norm(h) if self.norm is not None else h
         return self.output(h) if self.output is not None else h
 
