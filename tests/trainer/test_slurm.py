@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from plait_testing import needs_cluster
 from trainer.config import ConfigError, LauncherConfig
 from trainer import slurm
 
@@ -59,6 +60,7 @@ def crash_on_rank_1() -> str:
 
 # root of this module's import name (tests/trainer for "test_slurm", the repo for "tests.trainer...")
 IMPORT_ROOT = Path(__file__).resolve().parents[__name__.count(".")]
+TESTS_ROOT = Path(__file__).resolve().parents[1]  # plait_testing.py
 
 
 @pytest.fixture
@@ -72,35 +74,10 @@ def cancel_jobs():
 
 def _launcher(**overrides) -> LauncherConfig:
     cfg = LauncherConfig(name="slurm", timeout_min=5,
-                         setup=[f"export PYTHONPATH={IMPORT_ROOT}${{PYTHONPATH:+:$PYTHONPATH}}"])
+                         setup=[f"export PYTHONPATH={IMPORT_ROOT}:{TESTS_ROOT}${{PYTHONPATH:+:$PYTHONPATH}}"])
     for key, value in overrides.items():
         setattr(cfg, key, value)
     return cfg
-
-
-def _cluster_problem() -> str | None:
-    if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
-        return "Slurm's client tools are not installed (bash .ci/slurm.sh installs and starts one)"
-    try:
-        # answers at once, where sinfo retries a down controller for ~20 s
-        ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=15)
-        if ping.returncode != 0:
-            said = (ping.stdout or ping.stderr).strip().splitlines()[:1]
-            return f"slurmctld does not answer ({' '.join(said)}); run bash .ci/slurm.sh"
-        out = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=15)
-    except (subprocess.TimeoutExpired, OSError) as err:
-        return f"Slurm does not answer ({err}); run bash .ci/slurm.sh"
-    usable = {"idle", "mix", "alloc", "comp"}
-    if out.returncode != 0 or not usable & set(out.stdout.split()):
-        detail = (out.stderr or out.stdout).strip()[:200]
-        return f"no usable Slurm node ({detail or 'sinfo printed nothing'}); run bash .ci/slurm.sh"
-    return None
-
-
-_problem = _cluster_problem()
-# CI sets PLAIT_REQUIRE_SLURM=1 so a cluster that failed to start fails the tests, not skips them
-needs_cluster = pytest.mark.skipif(
-    _problem is not None and os.environ.get("PLAIT_REQUIRE_SLURM") != "1", reason=str(_problem))
 
 
 # ----------------------------------------------------------------------------- pure
