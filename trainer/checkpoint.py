@@ -17,12 +17,12 @@ import shutil
 import sys
 import time
 import warnings
-import zlib
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+import xxhash
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.stateful import Stateful
 
@@ -30,6 +30,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 FORMAT_VERSION = 1
+WRITER_THREADS = 2  # files each rank writes in parallel (a second stream helps even on 2 cores)
 MANIFEST = "plait.json"
 LATEST = "latest"
 STEP_PREFIX = "step_"
@@ -60,13 +61,14 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def file_checksum(path: Path, chunk: int = 1 << 22) -> str:
-    """crc32 of a file's bytes (catches truncation and bit rot at several GB/s)."""
-    crc = 0
+def file_checksum(path: Path, chunk: int = 8 << 20) -> str:
+    """xxh3-64 of a file's bytes: catches truncation and bit rot at ~6 GB/s, so verifying every
+    load costs little next to reading the data."""
+    digest = xxhash.xxh3_64()
     with open(path, "rb") as f:
         while block := f.read(chunk):
-            crc = zlib.crc32(block, crc)
-    return f"crc32:{crc:08x}"
+            digest.update(block)
+    return f"xxh3:{digest.hexdigest()}"
 
 
 def package_versions() -> dict[str, str]:
@@ -197,7 +199,7 @@ class Checkpointer:
             tmp.mkdir()
         self._barrier()
         start = time.perf_counter()
-        writer = dcp.FileSystemWriter(str(tmp))
+        writer = dcp.FileSystemWriter(str(tmp), thread_count=WRITER_THREADS)
         job = (tmp, final, step, sorted(components), counters or {}, start)
         if self.async_save:
             future = dcp.async_save(dict(components), storage_writer=writer, process_group=self.group)
@@ -284,6 +286,8 @@ class Checkpointer:
                 f"{path}: has no component(s) {', '.join(missing)}; it holds {', '.join(manifest['components'])}"
             )
         shapes = tensor_shapes(path)
+        # Each component's state dict is taken once: checked here, filled in place by DCP, then
+        # handed back to the component (what dcp.load does for Stateful objects).
         wanted = {name: comp.state_dict() for name, comp in components.items()}
         mismatched = [
             f"{key}: checkpoint {shapes[key]} vs run {tuple(t.shape)}"
@@ -298,7 +302,9 @@ class Checkpointer:
                 f"{len(absent)} missing key(s)); is the model config the one it was saved with?\n  "
                 + "\n  ".join(lines)
             )
-        dcp.load(dict(components), storage_reader=dcp.FileSystemReader(str(path)), process_group=self.group)
+        dcp.load(wanted, storage_reader=dcp.FileSystemReader(str(path)), process_group=self.group)
+        for name, comp in components.items():
+            comp.load_state_dict(wanted[name])
         return manifest
 
 
