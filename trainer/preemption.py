@@ -1,4 +1,4 @@
-"""Preemption: a signal (SIGTERM, or SIGUSR1 that Slurm sends before a time limit) makes the run save
+"""Preemption: a signal (SIGTERM, SIGUSR1, or SIGUSR2 that submitit asks Slurm for) makes the run save
 at the next step boundary and exit with EXIT_REQUEUE, after asking Slurm to requeue the job; the
 requeued job (SLURM_RESTART_COUNT > 0) resumes from the latest checkpoint by itself."""
 
@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 EXIT_REQUEUE = 75  # sysexits' EX_TEMPFAIL: "try again later"; clusters can set RequeueExit=75
-SIGNALS = ("SIGTERM", "SIGUSR1")
+SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")  # USR2: submitit's warning, 90 s before the time limit
 
 
 class Preempted(Exception):
