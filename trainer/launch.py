@@ -97,6 +97,19 @@ def init_distributed(cfg: PlaitConfig) -> DistEnv:
     return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=device)
 
 
+def apply_accelerate_env(cfg: PlaitConfig) -> None:
+    """`accelerate launch` records its choices in ACCELERATE_* variables (its ranks come through the
+    torchrun variables): its CPU and bf16 choices replace the config's defaults."""
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") and cfg.device == "auto":
+        cfg.device = "cpu"
+    precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if precision == "bf16" and cfg.trainer.precision == "fp32":
+        cfg.trainer.precision = "bf16"
+    elif precision not in ("no", "bf16"):
+        print(f"plait: ACCELERATE_MIXED_PRECISION={precision} is not supported; "
+              f"training in trainer.precision={cfg.trainer.precision} (allowed: fp32, bf16)", file=sys.stderr)
+
+
 def resolve_target(path: str):
     """Import `module.function` named by a task config's `_target_`."""
     module, _, name = path.rpartition(".")
@@ -114,6 +127,7 @@ def run_rank(cfg_dict: dict) -> None:
     Exit status: 0 done, 2 bad input (config or checkpoint), 75 preempted and saved (requeue me).
     """
     cfg = validate(cfg_dict)
+    apply_accelerate_env(cfg)
     if requeued() and cfg.checkpoint.resume == "none":
         cfg.checkpoint.resume = "auto"  # a requeued Slurm job continues from its own checkpoint
     env = init_distributed(cfg)

@@ -79,3 +79,14 @@ def test_runs_unchanged_under_torchrun(tmp_path):
     assert "on 2 rank(s)" in out.stdout + out.stderr
     manifest = json.loads((tmp_path / "runs" / "tr" / "checkpoints" / "step_000000002" / "plait.json").read_text())
     assert manifest["world_size"] == 2 and manifest["layout"]["dp_shard"] == 2
+
+
+def test_reads_the_choices_accelerate_launch_records(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    from plait_testing import compose
+    from trainer.launch import run_rank
+
+    run_rank(compose(["trainer.max_steps=1"], tmp_path / "acc"))
+    manifest = json.loads((tmp_path / "acc" / "checkpoints" / "step_000000001" / "plait.json").read_text())
+    assert manifest["config"]["trainer"]["precision"] == "bf16" and manifest["config"]["device"] == "cpu"
