@@ -14,7 +14,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from parallel.activation_checkpoint import apply_ac
 from parallel.data_parallel import apply_ddp, apply_fsdp
-from parallel.pipeline import Pipeline, build_pipeline, split_model, stage_ids
+from parallel.pipeline import ChunksView, Pipeline, build_pipeline, split_model, stage_ids
 from parallel.tensor import apply_tp
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -22,7 +22,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 class Parallelized(NamedTuple):
     model: Optional[nn.Module]  # what forward calls (possibly DDP-wrapped); None under pp > 1
-    parts: list[nn.Module]  # the unwrapped modules whose parameters this rank owns
+    parts: list[nn.Module]  # the unwrapped module(s) whose parameters this rank owns, under their
+    # whole-model FQNs (several pipeline chunks: one ChunksView); what optimizer and checkpoint take
     pipeline: Optional[Pipeline]  # runs forward+backward when pp > 1
 
 
@@ -52,7 +53,7 @@ def parallelize(model: nn.Module, mesh: Optional[DeviceMesh], parallel, precisio
     if parallel.pp > 1:
         pipeline = build_pipeline(runnable, chunks, pp_mesh, parallel.schedule, parallel.microbatches,
                                   loss_fn, device)
-        return Parallelized(None, parts, pipeline)
+        return Parallelized(None, [parts[0] if len(parts) == 1 else ChunksView(parts)], pipeline)
     return Parallelized(runnable[0], parts, None)
 
 

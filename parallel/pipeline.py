@@ -96,6 +96,32 @@ def split_model(model: nn.Module, chunk: int, n_chunks: int) -> nn.Module:
     return part
 
 
+class ChunksView(nn.Module):
+    """This rank's pipeline chunks as one module with the whole model's FQNs (`layers.<i>...`,
+    `tok_embeddings`, ...): what the optimizer and DCP's state-dict helpers take, since those map
+    one module's parameter names onto one optimizer. It has no forward; the stages run the chunks."""
+
+    def __init__(self, chunks: list[nn.Module]):
+        super().__init__()
+        object.__setattr__(self, "chunks", chunks)  # not registered: names would gain a prefix
+        for chunk in chunks:
+            for name, child in chunk.named_children():
+                if isinstance(child, nn.ModuleDict):
+                    if name not in self._modules:
+                        self.add_module(name, nn.ModuleDict())
+                    self._modules[name].update(child)
+                elif name in self._modules:
+                    raise ValueError(f"two pipeline chunks hold {name!r}")
+                else:
+                    self.add_module(name, child)
+
+    def train(self, mode: bool = True) -> "ChunksView":
+        super().train(mode)
+        for chunk in self.chunks:
+            chunk.train(mode)
+        return self
+
+
 @dataclass
 class Pipeline:
     """This rank's stages and the schedule that runs them; `step` is one forward+backward of a

@@ -93,11 +93,20 @@ def plain_tensor(t: torch.Tensor) -> torch.Tensor:
 
 class FullLogits(nn.Module):
     """Runs `module` and gathers vocabulary-sharded logits whole on every rank: what sampling
-    needs (training and evaluation never do). Keeps the model in `.module`, as DDP does."""
+    needs (training and evaluation never do). Keeps the model in `.module`, as DDP does.
 
-    def __init__(self, module: nn.Module):
+    Under sequence parallelism the length must split evenly over the tp ranks: tokens are padded
+    on the right to a multiple of `pad_to` and the padded positions' logits dropped, which is exact
+    for a causal model (no position sees a later one)."""
+
+    def __init__(self, module: nn.Module, pad_to: int = 1):
         super().__init__()
         self.module = module
+        self.pad_to = pad_to
 
-    def forward(self, tokens):
-        return plain_tensor(self.module(tokens))
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        length = tokens.shape[1]
+        pad = -length % self.pad_to
+        if pad:
+            tokens = torch.nn.functional.pad(tokens, (0, pad))
+        return plain_tensor(self.module(tokens))[:, :length]

@@ -259,9 +259,11 @@ def check_combinations(cfg: PlaitConfig, world_size: Optional[int] = None) -> in
             "tensor-parallel (DTensor) parameters nor pipeline stages in torch 2.13; allowed: "
             "parallel.dp_backend=fsdp"
         )
-    if p.tp > 1 and p.sequence_parallel and cfg.data.seq_len % p.tp:
-        raise ConfigError(f"data.seq_len={cfg.data.seq_len} is not divisible by parallel.tp={p.tp}, as "
-                          "parallel.sequence_parallel=true needs; change one or set it false")
+    if p.tp > 1 and p.sequence_parallel:
+        for key, value in (("data.seq_len", cfg.data.seq_len), ("model.max_seq_len", m.max_seq_len)):
+            if value % p.tp:
+                raise ConfigError(f"{key}={value} is not divisible by parallel.tp={p.tp}, as "
+                                  "parallel.sequence_parallel=true needs; change one or set it false")
     if p.pp == 1 and p.virtual_stages > 1:
         raise ConfigError("parallel.virtual_stages > 1 needs parallel.pp > 1")
     if p.pp > 1:

@@ -201,7 +201,7 @@ class TrainLoop:
 def _fsdp_wrapped(parts: list[nn.Module]) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
-    return any(isinstance(p, FSDPModule) for p in parts)
+    return any(isinstance(m, FSDPModule) for p in parts for m in p.modules())
 
 
 def _no_sync(model: nn.Module, last: bool):

@@ -33,9 +33,12 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(models: list[nn.Module], cfg: OptimConfig) -> torch.optim.Optimizer:
-    groups: list[dict] = []
+    """One AdamW over all model parts, with the same two groups however many parts a rank holds
+    (so optimizer checkpoints line up across layouts)."""
+    groups = [{"params": [], "weight_decay": cfg.weight_decay}, {"params": [], "weight_decay": 0.0}]
     for m in models:
-        groups += param_groups(m, cfg.weight_decay)
+        for group, part in zip(groups, param_groups(m, cfg.weight_decay)):
+            group["params"] += part["params"]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
 
 

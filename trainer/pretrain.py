@@ -38,7 +38,7 @@ def make_sampler(cfg: PlaitConfig, model, tokenizer, device):
     if cfg.parallel.pp > 1:  # generation through pipeline stages is not implemented
         return None
     if cfg.parallel.tp > 1:
-        model = FullLogits(model)
+        model = FullLogits(model, pad_to=cfg.parallel.tp if cfg.parallel.sequence_parallel else 1)
     prompt = torch.tensor([tokenizer.encode(cfg.trainer.sample_prompt).ids], device=device)
 
     def sample(step: int) -> str:

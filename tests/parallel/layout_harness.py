@@ -59,8 +59,8 @@ def full_grads(parts) -> dict[str, torch.Tensor]:
     return out
 
 
-def steps(cfg_dict: dict, n_steps: int = 3, eval_too: bool = False) -> dict:
-    """[(loss, {fqn: grad}), ...] per optimizer step (grads after clipping), plus the eval loss."""
+def build_loop(cfg_dict: dict) -> tuple[TrainLoop, object]:
+    """The real loop under the layout `cfg_dict` names, on `batches` data; (loop, mesh)."""
     cfg = validate(cfg_dict)
     torch.manual_seed(cfg.seed)
     dims = parallel_dims(cfg)
@@ -70,12 +70,11 @@ def steps(cfg_dict: dict, n_steps: int = 3, eval_too: bool = False) -> dict:
     model, parts, pipeline = parallelize(model, mesh, cfg.parallel, cfg.trainer.precision,
                                          loss_fn=cross_entropy_loss)
     optimizer = build_optimizer(parts, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, cfg.trainer.max_steps)
-
     loop = TrainLoop(
         cfg,
         LoopParts(
-            model=model, parts=parts, optimizer=optimizer, scheduler=scheduler,
+            model=model, parts=parts, optimizer=optimizer,
+            scheduler=build_scheduler(optimizer, cfg.optim, cfg.trainer.max_steps),
             train=batches(cfg, dp_rank, dp_size), make_val=lambda: batches(cfg, dp_rank, dp_size, seed=2),
             loss_fn=cross_entropy_loss, sample_fn=None, flops_per_token=1.0, peak_flops=1.0,
             dp_group=mesh["dp"].get_group() if mesh is not None else None, checkpointer=None,
@@ -85,10 +84,17 @@ def steps(cfg_dict: dict, n_steps: int = 3, eval_too: bool = False) -> dict:
         ),
         torch.device("cpu"), Progress(), None, dims.world_size,
     )
+    return loop, mesh
+
+
+def steps(cfg_dict: dict, n_steps: int = 3, eval_too: bool = False) -> dict:
+    """[(loss, grad norm, {fqn: grad}), ...] per optimizer step (grads after clipping), and the
+    eval loss after them."""
+    loop, _ = build_loop(cfg_dict)
     history = []
     for _ in range(n_steps):
         loss, norm, _ = loop.train_step()
-        history.append((loop._mean_over_dp(loss), norm.item(), full_grads(parts)))
+        history.append((loop._mean_over_dp(loss), norm.item(), full_grads(loop.p.parts)))
     out = {"steps": history}
     if eval_too:
         out["eval"] = loop.evaluate()
