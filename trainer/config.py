@@ -97,6 +97,8 @@ class TrainerConfig:
     sample_prompt: str = "def "
     sample_tokens: int = 48
     peak_flops: float = 0.0  # per device; 0 = look up the GPU or measure a CPU matmul peak
+    # environment steps of a streaming learner (task=stream_*); 0 = the task's default
+    total_steps: int = 0
 
 
 @dataclass
@@ -159,6 +161,8 @@ class PlaitConfig:
     run_dir: str = "runs/${name}"
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # a gymnasium environment id for RL tasks (e.g. Hopper-v5); "" = the task's default
+    env: str = ""
 
 
 def _check_choices(node: Any, prefix: str) -> None:

@@ -1,0 +1,115 @@
+"""Networks of stream-x: LayerNorm without learnable parameters before every LeakyReLU, sparse
+initialization; an MLP (2×128 for continuous control, 2×32 for classic control) or a conv torso
+(16 3×3 filters → 128, for MinAtar's 10×10×C frames); heads for values, Q-values and policies."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from streaming_rl.init import sparse_init_module_
+
+
+class FeatureNorm(nn.Module):
+    """LayerNorm over all features of a sample with no learnable gain or bias."""
+
+    def __init__(self, shape: tuple[int, ...]):
+        super().__init__()
+        self.shape = tuple(shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.shape)
+
+
+def _block(layer: nn.Module, shape: tuple[int, ...], layer_norm: bool) -> list[nn.Module]:
+    return [layer, *([FeatureNorm(shape)] if layer_norm else []), nn.LeakyReLU()]
+
+
+def mlp_torso(in_dim: int, hidden: int, layers: int, layer_norm: bool) -> nn.Sequential:
+    mods: list[nn.Module] = []
+    for i in range(layers):
+        mods += _block(nn.Linear(in_dim if i == 0 else hidden, hidden), (hidden,), layer_norm)
+    return nn.Sequential(*mods)
+
+
+def conv_torso(obs_shape: tuple[int, ...], hidden: int, layer_norm: bool, channels: int = 16) -> nn.Sequential:
+    """(H, W, C) frames → Conv 3×3 (16) → flatten → Linear (hidden)."""
+    h, w, c = obs_shape
+    conv_out = (channels, h - 2, w - 2)
+    return nn.Sequential(
+        ChannelsFirst(),
+        *_block(nn.Conv2d(c, channels, 3), conv_out, layer_norm),
+        nn.Flatten(),
+        *_block(nn.Linear(math.prod(conv_out), hidden), (hidden,), layer_norm),
+    )
+
+
+class ChannelsFirst(nn.Module):
+    """MinAtar gives (..., H, W, C) booleans; convolutions want (N, C, H, W) floats."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 3:
+            x = x.unsqueeze(0)
+        return x.permute(0, 3, 1, 2)
+
+
+def torso(obs_shape: tuple[int, ...], hidden: int, layers: int, layer_norm: bool) -> tuple[nn.Module, int]:
+    """An MLP for flat observations, the conv torso for images; returns it and its width."""
+    if len(obs_shape) == 3:
+        return conv_torso(obs_shape, hidden, layer_norm), hidden
+    if len(obs_shape) != 1:
+        raise ValueError(f"observations of shape {obs_shape}: only flat vectors and (H, W, C) frames")
+    return mlp_torso(obs_shape[0], hidden, layers, layer_norm), hidden
+
+
+def initialize_(module: nn.Module, init: str, sparsity: float) -> nn.Module:
+    """`sparse`: stream-x's sparse init; `default`: PyTorch's own (Kaiming-uniform)."""
+    if init == "sparse":
+        sparse_init_module_(module, sparsity)
+    elif init != "default":
+        raise ValueError(f"init={init!r}; allowed: sparse, default")
+    return module
+
+
+class ValueNetwork(nn.Module):
+    """v(s) (out=1) or q(s, ·) (out = number of actions): torso + a linear head."""
+
+    def __init__(self, obs_shape: tuple[int, ...], out: int, hidden: int, layers: int = 2,
+                 layer_norm: bool = True):
+        super().__init__()
+        self.torso, width = torso(obs_shape, hidden, layers, layer_norm)
+        self.head = nn.Linear(width, out)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.head(self.torso(obs))
+
+
+class GaussianPolicy(nn.Module):
+    """π(a|s) = N(μ(s), σ(s)²) per action dimension, σ = softplus(head) (independent dimensions)."""
+
+    def __init__(self, obs_shape: tuple[int, ...], action_dim: int, hidden: int, layers: int = 2,
+                 layer_norm: bool = True):
+        super().__init__()
+        self.torso, width = torso(obs_shape, hidden, layers, layer_norm)
+        self.mean = nn.Linear(width, action_dim)
+        self.pre_std = nn.Linear(width, action_dim)
+
+    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.torso(obs)
+        return self.mean(h), F.softplus(self.pre_std(h))
+
+
+class CategoricalPolicy(nn.Module):
+    """π(a|s) = softmax(logits(s)) over discrete actions."""
+
+    def __init__(self, obs_shape: tuple[int, ...], n_actions: int, hidden: int, layers: int = 2,
+                 layer_norm: bool = True):
+        super().__init__()
+        self.torso, width = torso(obs_shape, hidden, layers, layer_norm)
+        self.logits = nn.Linear(width, n_actions)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.logits(self.torso(obs))
