@@ -51,6 +51,8 @@ def build_mesh(dims: ParallelDims, device_type: str) -> Optional[DeviceMesh]:
         )
     mesh = init_device_mesh(device_type, dims.sizes(), mesh_dim_names=MESH_DIMS)
     mesh["dp_replicate", "dp_shard"]._flatten("dp")
+    # FSDP x TP parameters reduce norms over both dims: flattened, DTensor does it in one all-reduce
+    mesh["dp_shard", "tp"]._flatten("dp_shard_tp")
     return mesh
 
 

@@ -11,9 +11,11 @@ from trainer.checkpoint import Checkpointer
 from trainer.state import ModelState, OptimizerState
 
 
-def full_state(loop) -> dict[str, np.ndarray]:
-    """Every parameter and optimizer-state tensor this rank holds, whole, keyed by FQN."""
-    out = {}
+def full_state(loop) -> dict:
+    """Every parameter and optimizer-state tensor this rank holds, whole, keyed by FQN, and the
+    optimizer's hyperparameters."""
+    out: dict = {"hyperparameters": [{k: v for k, v in g.items() if k != "params"}
+                                     for g in loop.p.optimizer.param_groups]}
     for part in loop.p.parts:
         for name, p in part.named_parameters():
             fqn = unwrapped_fqn(name)
@@ -40,11 +42,14 @@ def train_and_save(cfg_dict: dict, directory: str, n_steps: int = 2) -> dict:
     return full_state(loop)
 
 
-def load(cfg_dict: dict, directory: str, n_steps: int = 2) -> dict:
+def load(cfg_dict: dict, directory: str) -> dict:
+    """The state loaded from `directory`; training then goes on from it."""
     loop, _ = build_loop(cfg_dict)
     checkpointer = Checkpointer(directory)
     checkpointer.load(checkpointer.latest(), _components(loop))
-    return full_state(loop)
+    state = full_state(loop)
+    loop.train_step()
+    return state
 
 
 def merged(results: list[dict]) -> dict:
@@ -52,13 +57,14 @@ def merged(results: list[dict]) -> dict:
     for res in results:
         for k, v in res.items():
             if k in out:
-                assert np.array_equal(out[k], v), k
+                assert np.array_equal(out[k], v) if k != "hyperparameters" else out[k] == v, k
             out[k] = v
     return out
 
 
 def assert_equal_states(got: dict, want: dict) -> None:
     assert got.keys() == want.keys(), sorted(got.keys() ^ want.keys())
+    assert got.pop("hyperparameters") == want.pop("hyperparameters")
     different = [k for k in want if not np.array_equal(got[k], want[k])]
     assert not different, different
 
@@ -84,3 +90,20 @@ def test_saved_in_one_process_loads_under_layout(tiny_cfg, run_ranks, tmp_path, 
     ckpt = str(tmp_path / "ckpt")
     saved = train_and_save(tiny_cfg(*BASE), ckpt)
     assert_equal_states(merged(run_ranks(world_of(layout), load, tiny_cfg(*BASE, *layout), ckpt)), saved)
+
+
+# trainer/state.py saves optimizer param_groups by position ("optimizer.param_groups.0.params" = that
+# rank's FQNs); DCP keeps ONE rank's copy of such a key, so every other pipeline rank loads a group
+# naming none of its parameters and loses lr/betas/eps (KeyError 'betas' at the next step).
+# Fix (verified): get/set_optimizer_state_dict(..., options=StateDictOptions(flatten_optimizer_state_dict=True)).
+PIPELINE_PARAM_GROUPS_BUG = pytest.mark.xfail(
+    strict=True, reason="trainer/state.py: pipeline ranks' optimizer param_groups collide in DCP")
+
+
+@PIPELINE_PARAM_GROUPS_BUG
+@pytest.mark.parametrize("layout", LAYOUTS, ids=IDS)
+def test_saved_under_layout_resumes_under_it(tiny_cfg, run_ranks, tmp_path, layout):
+    ckpt = str(tmp_path / "ckpt")
+    cfg = tiny_cfg(*BASE, *layout)
+    saved = merged(run_ranks(world_of(layout), train_and_save, cfg, ckpt))
+    assert_equal_states(merged(run_ranks(world_of(layout), load, cfg, ckpt)), saved)
