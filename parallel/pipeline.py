@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import (
@@ -124,16 +123,24 @@ class ChunksView(nn.Module):
 
 @dataclass
 class Pipeline:
-    """This rank's stages and the schedule that runs them; `step` is one forward+backward of a
-    local batch, `eval` a forward-only pass, both returning the batch's mean loss on the rank
+    """This rank's stages and the named schedule that runs them; `step` is one forward+backward of
+    a local batch, `eval` a forward-only pass, both returning the batch's mean loss on the rank
     holding the last stage and 0 elsewhere."""
 
-    schedule: object
     stages: list[PipelineStage]
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    schedule_name: str
     microbatches: int
-    group: dist.ProcessGroup
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     _loss_scale: float = 1.0
+
+    def __post_init__(self):
+        cls = SCHEDULES[self.schedule_name]
+        if cls is not ScheduleInterleaved1F1B and len(self.stages) != 1:
+            raise ValueError(f"schedule {self.schedule_name} runs one stage per rank, got {len(self.stages)}")
+        # scale_grads=False: the schedule's own rescaling divides every .grad at the end of a step,
+        # also what earlier grad_accum steps left there; microbatch_loss scales the loss instead.
+        self.schedule = cls(self.stages if cls is ScheduleInterleaved1F1B else self.stages[0],
+                            n_microbatches=self.microbatches, loss_fn=self.microbatch_loss, scale_grads=False)
 
     @property
     def has_first(self) -> bool:
@@ -144,8 +151,7 @@ class Pipeline:
         return any(s.is_last for s in self.stages)
 
     def microbatch_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        # Each microbatch's share of the batch mean; the schedule is built with scale_grads=False,
-        # since its own rescaling divides every .grad, also what earlier grad_accum steps left.
+        """A microbatch's share of the batch mean (times the step's loss scale)."""
         return self.loss_fn(output, target) * self._loss_scale
 
     def _run(self, run, inputs: torch.Tensor, targets: torch.Tensor, scale: float) -> torch.Tensor:
@@ -172,16 +178,9 @@ class Pipeline:
 
 def build_pipeline(parts: list[nn.Module], chunk_ids: list[int], pp_mesh: DeviceMesh, schedule: str,
                    microbatches: int, loss_fn: Callable, device: torch.device) -> Pipeline:
-    """Stages for this rank's chunks (already tensor-/data-parallelized, possibly wrapped by DDP)
-    and the named schedule over them."""
+    """Stages for this rank's chunks (already tensor- and data-parallelized) and the named
+    schedule over them; stage i of pp * len(parts) talks to its neighbours over `pp_mesh`."""
     n_chunks = pp_mesh.size() * len(parts)
-    group = pp_mesh.get_group()
-    stages = [PipelineStage(part, chunk, n_chunks, device, group=group)
+    stages = [PipelineStage(part, chunk, n_chunks, device, group=pp_mesh.get_group())
               for part, chunk in zip(parts, chunk_ids)]
-    pipe = Pipeline(schedule=None, stages=stages, loss_fn=loss_fn, microbatches=microbatches, group=group)
-    cls = SCHEDULES[schedule]
-    first = stages if cls is ScheduleInterleaved1F1B else stages[0]
-    if cls is not ScheduleInterleaved1F1B and len(stages) != 1:
-        raise ValueError(f"schedule {schedule} runs one stage per rank, got {len(stages)}")
-    pipe.schedule = cls(first, n_microbatches=microbatches, loss_fn=pipe.microbatch_loss, scale_grads=False)
-    return pipe
+    return Pipeline(stages, schedule, microbatches, loss_fn)

@@ -28,14 +28,13 @@ from torch.distributed.tensor.parallel import (
 )
 
 
-def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool = False,
-             vocab_parallel_loss: bool = True) -> nn.Module:
+def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool = False) -> nn.Module:
     """Shard `model` (a Llama or one pipeline chunk of it) over the 1-D `tp_mesh`, in place.
 
     Activations between blocks are plain tensors: replicated, or sharded on the sequence dim
-    (dim 1) under `sequence_parallel`, so pipeline stages send them as they are. With
-    `vocab_parallel_loss` the logits are a DTensor sharded on the vocabulary and the loss must
-    run under `tp_loss_context()`; otherwise they are gathered into a plain tensor.
+    (dim 1) under `sequence_parallel`, so pipeline stages send them as they are. The logits are a
+    DTensor sharded on the vocabulary: the loss runs under `tp_loss_context(True)`, and
+    `FullLogits` gathers them where whole logits are needed (sampling).
     """
     between = Shard(1) if sequence_parallel else Replicate()
     tied = (model.tok_embeddings is not None and model.output is not None
@@ -46,11 +45,7 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool = Fa
     if model.norm is not None and sequence_parallel:
         root["norm"] = SequenceParallel()
     if model.output is not None:
-        root["output"] = ColwiseParallel(
-            input_layouts=between,
-            output_layouts=Shard(-1) if vocab_parallel_loss else Replicate(),
-            use_local_output=not vocab_parallel_loss,
-        )
+        root["output"] = ColwiseParallel(input_layouts=between, output_layouts=Shard(-1), use_local_output=False)
     if root:
         parallelize_module(model, tp_mesh, root)
     if tied:  # each style distributed its own copy of the shared weight: share the DTensor again

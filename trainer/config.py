@@ -78,7 +78,7 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     virtual_stages: int = 1
-    microbatches: int = 1
+    microbatches: int = -1  # per pipeline step, per rank; -1: pp (the fewest that keep every 1F1B stage busy)
     schedule: str = choice("1f1b", "gpipe", "interleaved_1f1b")
     sequence_parallel: bool = False  # with tp > 1: norms on sequence shards (less activation memory)
     dp_backend: str = choice("fsdp", "ddp", "deepspeed")
@@ -220,6 +220,8 @@ def resolve_parallel(p: ParallelConfig, world_size: Optional[int]) -> int:
 def check_combinations(cfg: PlaitConfig, world_size: Optional[int] = None) -> int:
     """Cross-field rules; returns the world size the run needs."""
     _check_choices(cfg, "")
+    if cfg.parallel.microbatches == -1:
+        cfg.parallel.microbatches = cfg.parallel.pp
     _positive(
         cfg,
         "parallel.dp_replicate", "parallel.tp", "parallel.pp", "parallel.virtual_stages",

@@ -71,6 +71,13 @@ def test_bad_pipeline_layouts_fail_before_ranks_start(parallel, words):
         assert word in str(err.value), (word, str(err.value))
 
 
+def test_microbatches_default_to_pp():
+    """DESIGN.md's headline command validates as it stands: one microbatch per stage by default."""
+    cfg = validate({"parallel": {"pp": 2, "tp": 2, "dp_shard": 2}}, world_size=8)
+    assert cfg.parallel.microbatches == 2 and cfg.parallel.schedule == "1f1b"
+    assert validate({}).parallel.microbatches == 1
+
+
 def test_tied_embeddings_refused_under_pipeline():
     with pytest.raises(ConfigError, match="tie_embeddings"):
         validate({"parallel": {"pp": 2, "microbatches": 2}, "model": {"tie_embeddings": True}})
