@@ -28,11 +28,27 @@ def _block(layer: nn.Module, shape: tuple[int, ...], layer_norm: bool) -> list[n
     return [layer, *([FeatureNorm(shape)] if layer_norm else []), nn.LeakyReLU()]
 
 
-def mlp_torso(in_dim: int, hidden: int, layers: int, layer_norm: bool) -> nn.Sequential:
-    mods: list[nn.Module] = []
-    for i in range(layers):
-        mods += _block(nn.Linear(in_dim if i == 0 else hidden, hidden), (hidden,), layer_norm)
-    return nn.Sequential(*mods)
+class MLPTorso(nn.Module):
+    """(Linear → LayerNorm → LeakyReLU) × layers. The forward calls the functional ops directly:
+    with one sample per step, module-call overhead is a visible share of the step."""
+
+    def __init__(self, in_dim: int, hidden: int, layers: int, layer_norm: bool):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(in_dim if i == 0 else hidden, hidden) for i in range(layers))
+        self.layer_norm = layer_norm
+        self.shape = (hidden,)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = F.linear(x, layer.weight, layer.bias)
+            if self.layer_norm:
+                x = F.layer_norm(x, self.shape)
+            x = F.leaky_relu(x)
+        return x
+
+
+def mlp_torso(in_dim: int, hidden: int, layers: int, layer_norm: bool) -> MLPTorso:
+    return MLPTorso(in_dim, hidden, layers, layer_norm)
 
 
 def conv_torso(obs_shape: tuple[int, ...], hidden: int, layer_norm: bool, channels: int = 16) -> nn.Sequential:
@@ -84,7 +100,7 @@ class ValueNetwork(nn.Module):
         self.head = nn.Linear(width, out)
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.head(self.torso(obs))
+        return F.linear(self.torso(obs), self.head.weight, self.head.bias)
 
 
 class GaussianPolicy(nn.Module):
@@ -99,7 +115,8 @@ class GaussianPolicy(nn.Module):
 
     def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.torso(obs)
-        return self.mean(h), F.softplus(self.pre_std(h))
+        return (F.linear(h, self.mean.weight, self.mean.bias),
+                F.softplus(F.linear(h, self.pre_std.weight, self.pre_std.bias)))
 
 
 class CategoricalPolicy(nn.Module):
@@ -112,4 +129,4 @@ class CategoricalPolicy(nn.Module):
         self.logits = nn.Linear(width, n_actions)
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.logits(self.torso(obs))
+        return F.linear(self.torso(obs), self.logits.weight, self.logits.bias)

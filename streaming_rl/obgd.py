@@ -116,7 +116,7 @@ class ObGD(torch.optim.Optimizer):
         direction = self._direction(group, delta)
         alpha = group["lr"]
         if group["overshoot_bound"]:
-            alpha = obgd_step_size(alpha, group["kappa"], delta, direction.abs().sum().item())
+            alpha = obgd_step_size(alpha, group["kappa"], delta, torch.linalg.vector_norm(direction, 1).item())
         self._flat.add_(direction, alpha=-alpha * delta)
         if reset:
             self.reset_traces()

@@ -19,12 +19,20 @@ from streaming_rl.networks import CategoricalPolicy, GaussianPolicy, ValueNetwor
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
-def gaussian_log_prob_entropy(action: torch.Tensor, mean: torch.Tensor, std: torch.Tensor):
-    """log N(a; μ, σ²) = −(a−μ)²/(2σ²) − log σ − ½log 2π;  H = ½ + ½log 2π + log σ  (summed over dims)."""
-    log_std = std.log()
-    log_prob = (-((action - mean) ** 2) / (2 * std**2) - log_std - HALF_LOG_2PI).sum()
-    entropy = (0.5 + HALF_LOG_2PI + log_std).sum()
-    return log_prob, entropy
+def gaussian_log_prob(action: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """log N(a; μ, σ²) = Σ −(a−μ)²/(2σ²) − log σ − ½ log 2π."""
+    return (-0.5 * ((action - mean) / std) ** 2 - std.log() - HALF_LOG_2PI).sum()
+
+
+def gaussian_entropy(std: torch.Tensor) -> torch.Tensor:
+    """H(N(μ, σ²)) = Σ ½ + ½ log 2π + log σ."""
+    return (0.5 + HALF_LOG_2PI + std.log()).sum()
+
+
+def gaussian_actor_output(action, mean, std, coef: float) -> torch.Tensor:
+    """log π(a|s) + coef·H(π), less the constants (they have no gradient):
+    Σ −½((a−μ)/σ)² + (coef − 1)·log σ."""
+    return (-0.5 * ((action - mean) / std) ** 2 + (coef - 1.0) * std.log()).sum()
 
 
 @register_agent("ac")
@@ -47,22 +55,29 @@ class StreamAC(StreamAgent):
             ValueNetwork(spec.obs_shape, 1, spec.hidden_size, c.hidden_layers, c.layer_norm))
         self.optimizers["actor"] = make_optimizer(self.networks["actor"].parameters(), c, c.kappa_policy)
         self.optimizers["critic"] = make_optimizer(self.networks["critic"].parameters(), c, c.kappa)
-        self._log_prob = self._entropy = None  # of the last act(), with their graphs
+        self._policy = None  # the last act()'s policy outputs and action, with their graph
+        self._grads = (self._minus_one, self._minus_one)
 
     def act(self, obs: torch.Tensor):
         if self.continuous:
             mean, std = self.networks["actor"](obs)
             with torch.no_grad():
                 action = mean + std * torch.randn_like(mean)
-            self._log_prob, self._entropy = gaussian_log_prob_entropy(action, mean, std)
+            self._policy = (action, mean, std)
             # the sampled action is learned from; the environment gets it clipped to its bounds
             return np.clip(action.numpy().astype(self._low.dtype), self._low, self._high)
         log_p = F.log_softmax(self.networks["actor"](obs), dim=-1)
         with torch.no_grad():
             action = int(torch.multinomial(log_p.exp(), 1))
-        self._log_prob = log_p[action]
-        self._entropy = -(log_p.exp() * log_p).sum()
+        self._policy = (action, log_p)
         return action
+
+    def _actor_output(self, sign: int) -> torch.Tensor:
+        coef = self.cfg.entropy_coef * sign
+        if self.continuous:
+            return gaussian_actor_output(*self._policy, coef)
+        action, log_p = self._policy
+        return log_p[action] - coef * (log_p.exp() * log_p).sum()
 
     def learn(self, obs, action, reward, next_obs, terminated, truncated) -> float:
         v = self.networks["critic"](torch.stack((obs, next_obs))).squeeze(-1)
@@ -71,12 +86,11 @@ class StreamAC(StreamAgent):
         done = terminated or truncated
         critic, actor = self.optimizers["critic"], self.optimizers["actor"]
         critic.zero_grad()
-        v[0].backward(self._minus_one)
-        critic.step(delta, reset=done)
-        sign = (delta > 0) - (delta < 0)
         actor.zero_grad()
-        (self._log_prob + self.cfg.entropy_coef * sign * self._entropy).backward(self._minus_one)
+        # the two networks share no parameter: one backward pass fills both gradients
+        torch.autograd.backward((v[0], self._actor_output((delta > 0) - (delta < 0))), self._grads)
+        critic.step(delta, reset=done)
         actor.step(delta, reset=done)
-        self._log_prob = self._entropy = None
+        self._policy = None
         self.steps += 1
         return delta
