@@ -6,6 +6,7 @@ The composing step only: mesh → model → parallelize → optimizer → data �
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -82,6 +83,8 @@ def run(cfg: PlaitConfig, env: DistEnv) -> dict:
     if dims.pp > 1 and cfg.trainer.sample_tokens > 0:
         log.text("sampling skipped: generation through pipeline stages is not supported (parallel.pp > 1)")
 
+    if env.is_main:  # beside the checkpoints, so an export can ship the tokenizer with the weights
+        data.tokenizer.save(str(Path(cfg.run_dir) / "tokenizer.json"))
     progress = Progress()
     rng = RNGState(env.rank)
     components = {

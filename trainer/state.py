@@ -39,6 +39,11 @@ class ModelState(Stateful):
             set_model_state_dict(part, state, options=StateDictOptions(strict=False))
 
 
+# Flattened: every entry, hyperparameters included, keyed by parameter FQN. Grouped by position,
+# pipeline ranks would each save "param_groups.0" for different parameters and DCP keeps one copy.
+FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
 class OptimizerState(Stateful):
     """Optimizer state keyed by parameter FQN (not by position), so it reshards with the model."""
 
@@ -49,14 +54,13 @@ class OptimizerState(Stateful):
     def state_dict(self) -> dict:
         out: dict = {}
         for part in self.parts:
-            sd = get_optimizer_state_dict(part, self.optimizer)
-            out.setdefault("state", {}).update(sd["state"])
-            out["param_groups"] = sd["param_groups"]
+            out.update(get_optimizer_state_dict(part, self.optimizer, options=FLAT))
         return out
 
     def load_state_dict(self, state: dict) -> None:
         for part in self.parts:
-            set_optimizer_state_dict(part, self.optimizer, state, options=StateDictOptions(strict=False))
+            set_optimizer_state_dict(part, self.optimizer, state,
+                                     options=StateDictOptions(flatten_optimizer_state_dict=True, strict=False))
 
 
 class RNGState(Stateful):

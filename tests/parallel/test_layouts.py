@@ -45,8 +45,6 @@ def test_whole_run_under_pipeline_and_tensor_parallel(tiny_cfg, tmp_path, run_ra
     assert "sampling skipped" in capfd.readouterr().out
 
 
-@pytest.mark.xfail(strict=True, reason="trainer/state.py: pipeline ranks' optimizer param_groups collide in "
-                   "DCP (see test_reshard_checkpoint.PIPELINE_PARAM_GROUPS_BUG)")
 def test_resume_under_interleaved_pipeline_and_tensor_parallel(tiny_cfg, tmp_path, run_ranks):
     """A pp=2 x tp=2 interleaved run stopped at step 2 resumes bitwise on the same layout, and
     into one process within RTOL (the checkpoint reshards)."""

@@ -92,15 +92,6 @@ def test_saved_in_one_process_loads_under_layout(tiny_cfg, run_ranks, tmp_path, 
     assert_equal_states(merged(run_ranks(world_of(layout), load, tiny_cfg(*BASE, *layout), ckpt)), saved)
 
 
-# trainer/state.py saves optimizer param_groups by position ("optimizer.param_groups.0.params" = that
-# rank's FQNs); DCP keeps ONE rank's copy of such a key, so every other pipeline rank loads a group
-# naming none of its parameters and loses lr/betas/eps (KeyError 'betas' at the next step).
-# Fix (verified): get/set_optimizer_state_dict(..., options=StateDictOptions(flatten_optimizer_state_dict=True)).
-PIPELINE_PARAM_GROUPS_BUG = pytest.mark.xfail(
-    strict=True, reason="trainer/state.py: pipeline ranks' optimizer param_groups collide in DCP")
-
-
-@PIPELINE_PARAM_GROUPS_BUG
 @pytest.mark.parametrize("layout", LAYOUTS, ids=IDS)
 def test_saved_under_layout_resumes_under_it(tiny_cfg, run_ranks, tmp_path, layout):
     ckpt = str(tmp_path / "ckpt")
