@@ -13,21 +13,6 @@ from torch import nn
 from streaming_rl.init import sparse_init_module_
 
 
-class FeatureNorm(nn.Module):
-    """LayerNorm over all features of a sample with no learnable gain or bias."""
-
-    def __init__(self, shape: tuple[int, ...]):
-        super().__init__()
-        self.shape = tuple(shape)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, self.shape)
-
-
-def _block(layer: nn.Module, shape: tuple[int, ...], layer_norm: bool) -> list[nn.Module]:
-    return [layer, *([FeatureNorm(shape)] if layer_norm else []), nn.LeakyReLU()]
-
-
 class MLPTorso(nn.Module):
     """(Linear → LayerNorm → LeakyReLU) × layers. The forward calls the functional ops directly:
     with one sample per step, module-call overhead is a visible share of the step."""
@@ -47,38 +32,39 @@ class MLPTorso(nn.Module):
         return x
 
 
-def mlp_torso(in_dim: int, hidden: int, layers: int, layer_norm: bool) -> MLPTorso:
-    return MLPTorso(in_dim, hidden, layers, layer_norm)
+class ConvTorso(nn.Module):
+    """(H, W, C) frames → Conv 3×3 (16) → LayerNorm → LeakyReLU → Linear (hidden) → LayerNorm →
+    LeakyReLU. Takes one frame (H, W, C) or a batch (N, H, W, C), as MinAtar gives them."""
 
-
-def conv_torso(obs_shape: tuple[int, ...], hidden: int, layer_norm: bool, channels: int = 16) -> nn.Sequential:
-    """(H, W, C) frames → Conv 3×3 (16) → flatten → Linear (hidden)."""
-    h, w, c = obs_shape
-    conv_out = (channels, h - 2, w - 2)
-    return nn.Sequential(
-        ChannelsFirst(),
-        *_block(nn.Conv2d(c, channels, 3), conv_out, layer_norm),
-        nn.Flatten(),
-        *_block(nn.Linear(math.prod(conv_out), hidden), (hidden,), layer_norm),
-    )
-
-
-class ChannelsFirst(nn.Module):
-    """MinAtar gives (..., H, W, C) booleans; convolutions want (N, C, H, W) floats."""
+    def __init__(self, obs_shape: tuple[int, ...], hidden: int, layer_norm: bool, channels: int = 16):
+        super().__init__()
+        h, w, c = obs_shape
+        self.conv = nn.Conv2d(c, channels, 3)
+        self.conv_shape = (channels, h - 2, w - 2)
+        self.linear = nn.Linear(math.prod(self.conv_shape), hidden)
+        self.layer_norm = layer_norm
+        self.shape = (hidden,)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 3:
-            x = x.unsqueeze(0)
-        return x.permute(0, 3, 1, 2)
+        single = x.dim() == 3
+        x = (x.unsqueeze(0) if single else x).permute(0, 3, 1, 2)
+        x = self.conv(x)
+        if self.layer_norm:
+            x = F.layer_norm(x, self.conv_shape)
+        x = F.linear(F.leaky_relu(x).flatten(1), self.linear.weight, self.linear.bias)
+        if self.layer_norm:
+            x = F.layer_norm(x, self.shape)
+        x = F.leaky_relu(x)
+        return x.squeeze(0) if single else x
 
 
 def torso(obs_shape: tuple[int, ...], hidden: int, layers: int, layer_norm: bool) -> tuple[nn.Module, int]:
     """An MLP for flat observations, the conv torso for images; returns it and its width."""
     if len(obs_shape) == 3:
-        return conv_torso(obs_shape, hidden, layer_norm), hidden
+        return ConvTorso(obs_shape, hidden, layer_norm), hidden
     if len(obs_shape) != 1:
         raise ValueError(f"observations of shape {obs_shape}: only flat vectors and (H, W, C) frames")
-    return mlp_torso(obs_shape[0], hidden, layers, layer_norm), hidden
+    return MLPTorso(obs_shape[0], hidden, layers, layer_norm), hidden
 
 
 def initialize_(module: nn.Module, init: str, sparsity: float) -> nn.Module:

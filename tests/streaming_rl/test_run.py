@@ -1,0 +1,152 @@
+"""The task runner end to end: metrics, checkpoints, refusals, and exact resume mid-episode."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+import streaming_rl.run as stream_run
+from streaming_rl.loop import EpisodeState
+from trainer.checkpoint import Checkpointer
+from trainer.config import validate
+from trainer.launch import DistEnv, seed_everything
+from trainer.preemption import Preempted
+
+ONE = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+def config(run_dir, agent, env, steps, every=0, resume="none", **task):
+    return validate({
+        "task": {"_target_": "streaming_rl.run.run", "name": f"stream_{agent}", "agent": agent,
+                 "summary_every": 0, **task},
+        "env": env, "seed": 0, "trainer": {"total_steps": steps}, "run_dir": str(run_dir),
+        "checkpoint": {"every": every, "resume": resume}, "logger": {"progress": False},
+    })
+
+
+def run(cfg):
+    seed_everything(cfg.seed)  # what trainer.launch.run_rank does before calling the task
+    return stream_run.run(cfg, ONE)
+
+
+def episodes(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["episode/return"], r["episode/length"]) for r in rows if "episode/return" in r]
+
+
+def final_state(run_dir, tmp_path):
+    latest = Checkpointer(str(run_dir / "checkpoints")).latest()
+    out = tmp_path / f"{run_dir.name}.pt"
+    dcp_to_torch_save(str(latest), str(out))
+    return torch.load(out, weights_only=False)
+
+
+def assert_same_tensors(a, b, prefix=""):
+    assert a.keys() == b.keys()
+    for k in a:
+        if isinstance(a[k], dict):
+            assert_same_tensors(a[k], b[k], f"{prefix}{k}.")
+        elif isinstance(a[k], torch.Tensor):
+            assert torch.equal(a[k], b[k]), f"{prefix}{k} differs"
+
+
+@pytest.mark.parametrize("agent, env", [("td", "CartPole-v1"), ("q", "Acrobot-v1"), ("sarsa", "CartPole-v1"),
+                                        ("ac", "Pendulum-v1"), ("ac", "CartPole-v1")])
+def test_each_agent_runs_logs_and_checkpoints(tmp_path, agent, env):
+    out = run(config(tmp_path / "run", agent, env, 250, every=100))
+    assert out["steps"] == 250
+    ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.startswith("step_"))
+    assert ckpts == ["step_000000100", "step_000000200", "step_000000250"]
+    manifest = json.loads((tmp_path / "run" / "checkpoints" / "step_000000250" / "plait.json").read_text())
+    assert {"networks", "agent", "env", "observation", "reward_scaler", "episode", "rng", "progress"} <= set(
+        manifest["components"])
+    assert manifest["task"] == f"stream_{agent}" and manifest["env"] == env
+    if env == "CartPole-v1":  # Acrobot's and Pendulum's first episodes last 200-500 steps
+        assert episodes(tmp_path / "run")
+
+
+def test_stream_q_learns_cartpole(tmp_path):
+    """A fixed-seed regression on learning itself: CartPole's return climbs within 5k steps."""
+    run(config(tmp_path / "run", "q", "CartPole-v1", 5_000))
+    eps = episodes(tmp_path / "run")
+    first, last = [r for _, r, _ in eps[:20]], [r for _, r, _ in eps[-10:]]
+    assert sum(last) / len(last) > 3 * sum(first) / len(first)
+
+
+@pytest.mark.parametrize("agent, env, steps, cut", [("q", "CartPole-v1", 900, 437), ("ac", "Hopper-v5", 400, 173)])
+def test_resume_mid_episode_is_exact(tmp_path, monkeypatch, agent, env, steps, cut):
+    """Stopped (preempted) mid-episode and resumed = never stopped: same episodes, same weights,
+    traces, normalizers, RNG and environment state at the end."""
+    whole = tmp_path / "whole"
+    run(config(whole, agent, env, steps))
+
+    class StopAt:  # a preemption signal that arrives during step `cut`
+        def __init__(self):
+            self.checks = 0
+
+        @property
+        def received(self):
+            self.checks += 1
+            return "SIGTERM" if self.checks >= cut else None
+
+        def restore(self):
+            pass
+
+    cut_dir = tmp_path / "cut"
+    with monkeypatch.context() as patch, pytest.raises(Preempted):
+        patch.setattr(stream_run, "PreemptionHandler", StopAt)
+        run(config(cut_dir, agent, env, steps))
+    saved = Checkpointer(str(cut_dir / "checkpoints")).latest()
+    assert saved.name == f"step_{cut:09d}"
+    episode = EpisodeState(obs=torch.zeros(4 if env == "CartPole-v1" else 11))
+    Checkpointer(str(cut_dir / "checkpoints")).load(saved, {"episode": episode})
+    assert episode.length > 0  # stopped mid-episode
+
+    run(config(cut_dir, agent, env, steps, resume="latest"))
+    assert episodes(cut_dir) == episodes(whole) and len(episodes(whole)) > 2
+    a, b = final_state(cut_dir, tmp_path), final_state(whole, tmp_path)
+    for key in ("networks", "env", "observation", "reward_scaler", "episode", "agent"):
+        assert_same_tensors(a[key], b[key], key + ".")
+    assert a["env"]["np_random"] == b["env"]["np_random"]
+    if env == "CartPole-v1":  # classic control state is pickled; MuJoCo's is a tensor (compared above)
+        assert a["env"]["physics"] == b["env"]["physics"]
+    assert_same_tensors(a["rng"], b["rng"])
+    optimizers = [k for k in a if k.startswith("optimizer_")]
+    assert optimizers and all(any(".eligibility_trace" in t for t in a[k]) for k in optimizers)
+    for key in optimizers:
+        assert_same_tensors(a[key], b[key], key + ".")
+
+
+def test_refusals_exit_2_with_the_reason(tmp_path, capsys):
+    cases = [
+        (config(tmp_path / "a", "q", "Pendulum-v1", 10), ["task.agent=q", "discrete", "stream_ac"]),
+        (config(tmp_path / "b", "q", "CartPole-v9", 10), ["env='CartPole-v9'", "CartPole-v1", "Hopper-v5"]),
+        (config(tmp_path / "c", "q", "CartPole-v1", 10, optimizer="adam"), ["task.optimizer", "adaptive_obgd"]),
+    ]
+    for cfg, words in cases:
+        with pytest.raises(SystemExit) as exit_:
+            run(cfg)
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        for word in words:
+            assert word in err, (word, err)
+    with pytest.raises(SystemExit):
+        stream_run.run(config(tmp_path / "d", "q", "CartPole-v1", 10), DistEnv(0, 2, 0, torch.device("cpu")))
+    err = capsys.readouterr().err
+    assert "single-process" in err and "plait -m task=stream_q seed=0,1,2,3,4" in err
+
+
+@pytest.mark.slow
+def test_cli_runs_a_stream_task(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "trainer", "task=stream_sarsa", "trainer.total_steps=300",
+                          "checkpoint.every=100", "task.summary_every=100"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    run_dir = tmp_path / "runs" / "stream_sarsa-CartPole-v1"
+    assert "steps/s" in out.stdout and "done at step 300" in out.stdout
+    assert (run_dir / "checkpoints" / "step_000000300" / "plait.json").exists() and episodes(run_dir)
