@@ -1,0 +1,575 @@
+"""Layout planner: memory per device and a step-time proxy of a (pp, dp_replicate, dp_shard, tp)
+layout by the analytical model of Megatron-LM (Narayanan et al. SC'21, §3) and of Korthikanti et al.
+2022 ("Reducing Activation Recomputation in Large Transformer Models", §4), with the activation
+counts re-derived for the Llama forward in trainer/models/llama.py.
+
+Pure arithmetic on plain arguments: `model` is anything with ModelConfig's fields (vocab_size, dim,
+n_layers, n_heads, n_kv_heads, ffn_dim, tie_embeddings); which layouts are valid is the caller's
+rule (`rank_layouts` takes a `problem` callable; the `plait-plan` CLI passes trainer/config.py's
+`check_combinations`), so the divisibility rules live in one place.
+
+Activations. Korthikanti et al. count s·b·h·(34 + 5·a·s/h) bytes per layer in fp16 for a GPT
+block (with the a·s² softmax terms). Plait's block differs: RMSNorm (saves x, x·rsqrt(mean x²) and
+the rsqrt), RoPE on q and k, grouped-query attention through `scaled_dot_product_attention` (a
+flash kernel: no s² tensor is kept, only q, the repeated k and v, the output and a per-head
+log-sum-exp), and a SwiGLU MLP of width f (saves w1·x, silu(w1·x), w3·x and their product).
+Per layer and microbatch, with r/n/c the bytes of the residual stream, the norm math and the
+matmul inputs (fp32: 4/4/4; bf16 autocast: 4/4/2; bf16 under FSDP2's mixed precision: 2/2/2),
+k_a and k_f the copies of a norm's output that the q/k/v and w1/w3 matmuls keep (1 each, or
+3 and 2 under autocast, which casts the input once per matmul):
+
+    2·(r + n)·sbh + 2·n·sb            the two RMSNorms            (÷ t under sequence parallelism)
+  + (k_a + k_f)·c·sbh                 matmul inputs (whole sequence, also under SP: DTensor keeps
+                                      the all-gathered input, where Megatron re-gathers it)
+  + 4·c·sbh/t + 4·a·sb/t              q, k and v after RoPE/repeat, attention output; log-sum-exp
+  + 4·c·sbf/t                         SwiGLU
+
+i.e. fp32 40·sbh + 16·sbf + (8 + 4a)·sb bytes and bf16 (autocast) 34·sbh + 8·sbf + (8 + 4a)·sb,
+checked against what autograd saves in tests/parallel/test_planner.py. Full recomputation keeps
+the block input r·sbh (÷ t under SP) and rebuilds one block at a time in backward; selective
+recomputation (parallel/activation_checkpoint.py) keeps the matmul and collective outputs.
+The last stage adds the final norm, the output matmul's input, the fp32 log-softmax (4·sbV/t)
+and, in the loss backward, two more logits-sized fp32 buffers (three under `loss_parallel`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+from typing import Callable, Iterable, Optional
+
+from parallel.pipeline import layer_split, stage_ids
+
+GiB = 2**30
+SCHEDULES = ("1f1b", "gpipe", "interleaved_1f1b")
+AC_MODES = ("none", "selective", "full")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One candidate: the `parallel.*` sizes and choices, plus `trainer.grad_accum`."""
+
+    pp: int = 1
+    dp_replicate: int = 1
+    dp_shard: int = 1
+    tp: int = 1
+    virtual_stages: int = 1
+    microbatches: int = 1
+    schedule: str = "1f1b"
+    sequence_parallel: bool = False
+    dp_backend: str = "fsdp"
+    activation_checkpoint: str = "none"
+    grad_accum: int = 1
+
+    @property
+    def world_size(self) -> int:
+        return self.pp * self.dp_replicate * self.dp_shard * self.tp
+
+    @property
+    def dp(self) -> int:
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def fsdp(self) -> bool:
+        return self.dp_backend == "fsdp" and self.dp > 1
+
+    def describe(self) -> str:
+        parts = [f"tp={self.tp}", f"pp={self.pp}"]
+        if self.pp > 1:
+            parts.append(self.schedule + (f" v={self.virtual_stages}" if self.virtual_stages > 1 else ""))
+            parts.append(f"m={self.microbatches}")
+        if self.dp_replicate > 1:
+            parts.append(f"dp_replicate={self.dp_replicate}")
+        parts.append(f"dp_shard={self.dp_shard}" if self.dp_backend == "fsdp" else f"ddp={self.dp}")
+        if self.grad_accum > 1:
+            parts.append(f"accum={self.grad_accum}")
+        if self.sequence_parallel:
+            parts.append("sp")
+        parts.append(f"ac={self.activation_checkpoint}")
+        return " ".join(parts)
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """What the step-time proxy and the fit test assume about a device and its links."""
+
+    gpus_per_node: int = 8
+    memory_bytes: float = 80 * GiB
+    peak_flops: float = 989e12  # dense bf16 per device (H100 SXM); fp32 runs count half
+    flops_efficiency: float = 0.5  # fraction of peak a transformer step reaches (MFU ~ 40-55%)
+    intra_node_bw: float = 300e9  # bytes/s of collective bandwidth per device inside a node (NVLink)
+    inter_node_bw: float = 45e9  # bytes/s per device across nodes (one 400 Gb/s NIC per GPU)
+    headroom: float = 0.1  # kept free: allocator fragmentation, CUDA context, NCCL buffers
+    optimizer_foreach: bool = True  # torch's AdamW on GPU (foreach: one parameter-sized temporary)
+
+
+@dataclass(frozen=True)
+class Dtypes:
+    """Bytes per element of what one layer keeps, as Plait's precision policy makes them."""
+
+    residual: int  # the residual stream between blocks (RMSNorm itself saves fp32, upcasting if need be)
+    compute: int  # matmul inputs/outputs, attention, SwiGLU
+    attn_copies: int  # copies of the attention norm's output kept by wq/wk/wv
+    ffn_copies: int  # copies of the MLP norm's output kept by w1/w3
+    weight_copy: int  # bytes per matrix parameter of low-precision copies held through backward
+    unsharded: int  # bytes per parameter of FSDP's gathered (unsharded) parameters
+
+
+def dtypes(precision: str, fsdp: bool) -> Dtypes:
+    """fp32: everything 4 bytes. bf16: FSDP2 casts parameters to bf16 (all activations bf16);
+    without FSDP the loop runs under torch.autocast (fp32 residual and norms, bf16 matmuls, one
+    cast of a norm's output per matmul, bf16 weight copies kept for backward)."""
+    if precision == "fp32":
+        return Dtypes(4, 4, 1, 1, 0, 4)
+    if precision != "bf16":
+        raise ValueError(f"precision {precision!r}; allowed: fp32, bf16")
+    if fsdp:
+        return Dtypes(2, 2, 1, 1, 0, 2)
+    return Dtypes(4, 2, 3, 2, 2, 2)
+
+
+FP32 = dtypes("fp32", False)
+
+
+# --- parameters ------------------------------------------------------------------------------
+
+def block_params(model) -> tuple[int, int]:
+    """(matrix, norm) parameters of one block: h·hd·(2a + 2kv) + 3·h·f, and 2·h."""
+    h, hd = model.dim, model.dim // model.n_heads
+    matrix = h * hd * (2 * model.n_heads + 2 * model.n_kv_heads) + 3 * h * model.ffn_dim
+    return matrix, 2 * h
+
+
+def total_params(model) -> int:
+    """L·(block) + V·h (embedding) + h (final norm) + V·h (output, unless tied)."""
+    matrix, norms = block_params(model)
+    out = 0 if model.tie_embeddings else model.vocab_size * model.dim
+    return model.n_layers * (matrix + norms) + model.vocab_size * model.dim + model.dim + out
+
+
+def stage_layers(n_layers: int, pp: int, virtual_stages: int, pp_rank: int) -> list[int]:
+    """Layers in each chunk pipeline rank `pp_rank` holds (Megatron's chunk i -> rank i mod pp)."""
+    split = layer_split(n_layers, pp * virtual_stages)
+    return [len(split[c]) for c in stage_ids(pp_rank, pp, virtual_stages)]
+
+
+@dataclass(frozen=True)
+class StageParams:
+    """Parameters one device holds before data-parallel sharding (tensor-parallel shards)."""
+
+    total: int
+    root: int  # embedding, final norm, output: FSDP's root unit (gathered for the whole step)
+    block: int  # one block: FSDP's unit
+    largest: int  # the largest single tensor (per-tensor optimizer temporaries)
+    matrices: int  # matrix parameters (what autocast copies to bf16)
+    layers: int
+    first: bool  # holds the embedding
+    last: bool  # holds the output layer and the loss
+
+
+def stage_params(model, pp: int, tp: int, virtual_stages: int = 1, pp_rank: int = 0) -> StageParams:
+    """Blocks: matrices/t + norms; embedding V·h/t on the first stage, h + V·h/t on the last
+    (vocabulary-parallel under TP; a tied output weight counts once, pp = 1 only)."""
+    matrix, norms = block_params(model)
+    layers = sum(stage_layers(model.n_layers, pp, virtual_stages, pp_rank))
+    first, last = pp_rank == 0, pp_rank == pp - 1  # chunk 0, and chunk pp·v - 1 on rank pp - 1
+    vh = model.vocab_size * model.dim // tp
+    root = (vh if first else 0) + ((model.dim + (0 if model.tie_embeddings else vh)) if last else 0)
+    block = matrix // tp + norms
+    per_tensor = [model.dim * model.ffn_dim // tp] + ([vh] if root else [])
+    return StageParams(total=layers * block + root, root=root, block=block, largest=max(per_tensor),
+                       matrices=layers * (matrix // tp) + (vh if last and not model.tie_embeddings else 0),
+                       layers=layers, first=first, last=last)
+
+
+def weight_bytes(params: int, dp_shard: int, fsdp: bool) -> float:
+    """4·P/d: parameters stay fp32 (under bf16 they are the master copy), sharded by FSDP."""
+    return 4 * params / (dp_shard if fsdp else 1)
+
+
+def grad_bytes(params: int, dp_shard: int, fsdp: bool) -> float:
+    """4·P/d: fp32 gradients (FSDP reduces in fp32); DDP and one process keep them whole."""
+    return 4 * params / (dp_shard if fsdp else 1)
+
+
+def optimizer_bytes(params: int, dp_shard: int, fsdp: bool) -> float:
+    """8·P/d: AdamW's two fp32 moments, sharded like the parameters (ZeRO-3 / FSDP)."""
+    return 8 * params / (dp_shard if fsdp else 1)
+
+
+def ddp_bucket_bytes(params: int, ddp: bool) -> float:
+    """4·P under DDP: its gradient buckets are a second fp32 copy (gradient_as_bucket_view=False)."""
+    return 4 * params if ddp else 0
+
+
+def optimizer_temp_bytes(params: int, largest: int, dp_shard: int, fsdp: bool, foreach: bool) -> float:
+    """AdamW step temporaries: foreach (GPU) 4·P/d for sqrt(v); per tensor (CPU) 2·4·largest/d."""
+    div = dp_shard if fsdp else 1
+    return (4 * params if foreach else 8 * largest) / div
+
+
+# --- activations ------------------------------------------------------------------------------
+
+def layer_activation_bytes(s: int, b: int, model, t: int = 1, sp: bool = False,
+                           dt: Dtypes = FP32, ac: str = "none") -> float:
+    """Bytes one block keeps for backward per microbatch (module docstring): none =
+    2(r+n)sbh/t' + 2n·sb/t' + (k_a+k_f)c·sbh + 4c·sbh/t + 4a·sb/t + 4c·sbf/t (t' = t under SP);
+    full = r·sbh/t'; selective = r·sbh/t' + c·(sbh + 2sb·kv·hd + 2sbf)/t + 2c·sbh (+2c·sbh/t' TP)."""
+    h, f, a = model.dim, model.ffn_dim, model.n_heads
+    sbh, sb = s * b * h, s * b
+    tn = t if sp and t > 1 else 1
+    if ac == "full":
+        return dt.residual * sbh / tn
+    if ac == "selective":
+        kv = model.n_kv_heads * (h // a)
+        mm = dt.compute * (sbh + 2 * sb * kv + 2 * sb * f) / t + 2 * dt.compute * sbh  # wq wk wv w1 w3; wo w2
+        collectives = 2 * dt.compute * sbh / tn if t > 1 else 0  # the two all-reduce (or reduce-scatter) outputs
+        return dt.residual * sbh / tn + mm + collectives
+    if ac != "none":
+        raise ValueError(f"activation checkpointing {ac!r}; allowed: {', '.join(AC_MODES)}")
+    norms = (2 * 8 * sbh + 2 * 4 * sb) / tn  # x (or its fp32 upcast), x·rsqrt, rsqrt: fp32
+    inputs = (dt.attn_copies + dt.ffn_copies) * dt.compute * sbh
+    attention = (4 * dt.compute * sbh + 4 * a * sb) / t
+    mlp = 4 * dt.compute * s * b * f / t
+    return norms + inputs + attention + mlp
+
+
+def recompute_bytes(s: int, b: int, model, t: int, sp: bool, dt: Dtypes, ac: str) -> float:
+    """Backward of one recomputed block: its whole `none` activations, live at once (0 without AC)."""
+    return 0.0 if ac == "none" else layer_activation_bytes(s, b, model, t, sp, dt, "none")
+
+
+def head_activation_bytes(s: int, b: int, model, t: int = 1, sp: bool = False,
+                          dt: Dtypes = FP32) -> float:
+    """Last stage, kept for backward: final norm (r+n)sbh/t' + n·sb/t', output input c·sbh,
+    fp32 log-softmax 4·sbV/t."""
+    tn = t if sp and t > 1 else 1
+    sbh = s * b * model.dim
+    return (8 * sbh + 4 * s * b) / tn + dt.compute * sbh \
+        + 4 * s * b * model.vocab_size / t
+
+
+def loss_backward_bytes(s: int, b: int, vocab: int, t: int = 1) -> float:
+    """Cross-entropy backward on top of the saved log-softmax: 8·sbV (grad of log-softmax, grad of
+    logits), or 12·sbV/t under TP's loss_parallel (the sharded softmax keeps one buffer more)."""
+    return (12 if t > 1 else 8) * s * b * vocab / t
+
+
+def microbatches_in_flight(schedule: str, pp: int, virtual_stages: int, microbatches: int,
+                           pp_rank: int = 0) -> int:
+    """Chunk-microbatches whose activations a rank holds at once: gpipe m; 1f1b min(m, p - rank);
+    interleaved (v-1)·m_r + 2(p-1-rank) + 1, m_r = m / max(1, m // p) (torch's rounds; with m = p
+    Megatron's p·v·(1 + (p-1)/(p·v)) = v·p + p - 1 for rank 0), at most m·v."""
+    if pp == 1:
+        return 1
+    if schedule == "gpipe":
+        return microbatches
+    if schedule == "1f1b":
+        return min(microbatches, pp - pp_rank)
+    if schedule == "interleaved_1f1b":
+        per_round = microbatches // max(1, microbatches // pp)
+        return min((virtual_stages - 1) * per_round + 2 * (pp - 1 - pp_rank) + 1, microbatches * virtual_stages)
+    raise ValueError(f"schedule {schedule!r}; allowed: {', '.join(SCHEDULES)}")
+
+
+def bubble_fraction(schedule: str, pp: int, virtual_stages: int, microbatches: int) -> float:
+    """Pipeline bubble over ideal compute time (Megatron-LM §2.2): (p-1)/(v·m); gpipe, 1f1b: (p-1)/m."""
+    if pp == 1:
+        return 0.0
+    v = virtual_stages if schedule == "interleaved_1f1b" else 1
+    return (pp - 1) / (v * microbatches)
+
+
+# --- one device's memory -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Workload:
+    """What one optimizer step processes: sequences of `seq_len` tokens, `batch_size` of them
+    over all data-parallel ranks, in `precision` (fp32 | bf16)."""
+
+    seq_len: int
+    batch_size: int
+    precision: str = "bf16"
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes on one device at its peak, by what holds them; they add up to `peak`."""
+
+    params: float
+    grads: float  # live at the peak (none yet at a loss-time peak without accumulation)
+    optimizer: float  # AdamW moments (+ DDP's bucket copy)
+    activations: float  # kept for backward by every microbatch in flight
+    other: float  # loss buffers, a recomputed block, FSDP-gathered parameters, bf16 weight copies,
+    # pipeline receive buffers, optimizer temporaries: whichever the peak moment holds
+    peak: float
+    phase: str  # "activations" | "end of backward" | "optimizer step"
+    pp_rank: int
+    microbatch_size: int
+    in_flight: int  # chunk-microbatches whose activations are held at once
+
+
+def microbatch_size(layout: Layout, batch_size: int) -> int:
+    """Sequences per microbatch: global batch / (dp · grad_accum · microbatches)."""
+    return max(1, batch_size // (layout.dp * layout.grad_accum * layout.microbatches))
+
+
+def pipeline_buffer_bytes(pp: int, virtual_stages: int, microbatches: int, pp_rank: int,
+                          boundary: float) -> float:
+    """torch.distributed.pipelining's receive buffers, one per microbatch and direction:
+    m · boundary for each chunk that receives activations (not chunk 0) or gradients (not the last)."""
+    if pp == 1:
+        return 0.0
+    chunks = stage_ids(pp_rank, pp, virtual_stages)
+    last = pp * virtual_stages - 1
+    return microbatches * boundary * sum((c != 0) + (c != last) for c in chunks)
+
+
+def memory_per_device(model, layout: Layout, work: Workload, hw: Hardware = Hardware(),
+                      pp_rank: Optional[int] = None) -> MemoryEstimate:
+    """Peak bytes on pipeline rank `pp_rank` (None: the higher of the first and last): the largest of
+    (1) the activation peak, as the last forward's loss backward starts (or a pipeline holds the most
+    microbatches): params + optimizer [+ grads if earlier microbatches went through backward] +
+    in flight x activations + loss buffers; (2) the end of backward: params + optimizer + grads +
+    the first layer's activations (rebuilt under recomputation); (3) the optimizer step: params +
+    grads + optimizer + its temporaries; plus FSDP's gathered units and pipeline buffers throughout."""
+    if pp_rank is None:  # the first rank holds the most microbatches and layers, the last the loss
+        return max((memory_per_device(model, layout, work, hw, r) for r in {0, layout.pp - 1}),
+                   key=lambda e: e.peak)
+    lay, s = layout, work.seq_len
+    sp = lay.sequence_parallel and lay.tp > 1
+    tn = lay.tp if sp else 1  # what sequence parallelism divides
+    dt = dtypes(work.precision, lay.fsdp)
+    st = stage_params(model, lay.pp, lay.tp, lay.virtual_stages, pp_rank)
+    b = microbatch_size(lay, work.batch_size)
+    boundary = dt.residual * s * b * model.dim / tn  # one microbatch's hidden states between chunks
+    ddp = lay.dp_backend == "ddp" and lay.dp > 1
+    params = weight_bytes(st.total, lay.dp_shard, lay.fsdp)
+    grads = grad_bytes(st.total, lay.dp_shard, lay.fsdp)
+    optim = optimizer_bytes(st.total, lay.dp_shard, lay.fsdp) + ddp_bucket_bytes(st.total, ddp)
+
+    # each chunk-microbatch in flight: its layers' saved tensors, and the chunk's output, which the
+    # pipeline stage holds until that microbatch's backward; on the last chunk instead (one
+    # microbatch at a time but under gpipe) the head, the logits a stage keeps, the targets; the
+    # token ids on the first
+    layer = layer_activation_bytes(s, b, model, lay.tp, sp, dt, lay.activation_checkpoint)
+    in_flight = microbatches_in_flight(lay.schedule, lay.pp, lay.virtual_stages, lay.microbatches, pp_rank)
+    n_head = 0 if not st.last else (lay.microbatches if lay.pp > 1 and lay.schedule == "gpipe" else 1)
+    head = head_activation_bytes(s, b, model, lay.tp, sp, dt) + 8 * s * b
+    if lay.pp > 1:
+        head += dt.compute * s * b * model.vocab_size / lay.tp
+    chunk = st.layers / lay.virtual_stages * layer + (boundary if lay.pp > 1 else 0.0)
+    acts = in_flight * chunk + n_head * (head - (boundary if lay.pp > 1 else 0.0))
+    if st.first:
+        acts += in_flight * 8 * s * b
+    loss = loss_backward_bytes(s, b, model.vocab_size, lay.tp) if st.last else 0.0
+    # autocast's bf16 weight copies, saved from forward to backward; inside recomputed blocks they
+    # are not saved (autocast's cache is dropped when forward ends) but re-made one block at a time
+    block_copies = dt.weight_copy * (st.block - 2 * model.dim)
+    copies = dt.weight_copy * st.matrices
+    if lay.activation_checkpoint != "none":
+        copies -= st.layers * block_copies
+    buffers = pipeline_buffer_bytes(lay.pp, lay.virtual_stages, lay.microbatches, pp_rank, boundary)
+
+    # FSDP2: the root unit (embedding, norm, output) stays gathered all step; blocks but the last
+    # are resharded after forward; in backward a block's parameters and its unsharded fp32 gradients
+    # (the reduce-scatter input) are live beside the root's. Under a pipeline torch keeps every
+    # chunk gathered, with unsharded gradients, until the last microbatch's backward
+    # (PipelineStage.backward_maybe_with_nosync).
+    accumulating = lay.grad_accum > 1 or (lay.pp > 1 and lay.microbatches * lay.virtual_stages > in_flight)
+    gathered_fwd = gathered_bwd = 0.0
+    if lay.fsdp:
+        u = dt.unsharded
+        if lay.pp > 1:
+            gathered_fwd = st.total * (u + (4 if accumulating else 0))
+            gathered_bwd = st.total * (u + 4)
+        else:
+            gathered_fwd = (st.root + st.block) * u
+            gathered_bwd = (st.root + st.block) * (u + 4)
+
+    rebuilt = recompute_bytes(s, b, model, lay.tp, sp, dt, lay.activation_checkpoint)
+    if rebuilt:
+        rebuilt += block_copies
+    flowing = 2 * dt.residual * s * b * model.dim  # the gradient arriving at a block and the one it sends on
+    temp = optimizer_temp_bytes(st.total, st.largest, lay.dp_shard, lay.fsdp, hw.optimizer_foreach)
+    # accumulating gradients: sharded ones, except under FSDP x PP where they stay unsharded (above)
+    held_grads = grads if accumulating and not (lay.fsdp and lay.pp > 1) else 0.0
+    phases = {  # phase: (grads live, activations, other)
+        "activations": (held_grads, acts, loss + copies + gathered_fwd + buffers),
+        # the first microbatch's backward ends while the others in flight keep theirs; under a
+        # pipeline the schedule runs inside autocast, whose cache keeps the bf16 weights all step
+        "end of backward": (held_grads if lay.fsdp and lay.pp > 1 else grads, (in_flight - 1) * chunk + layer,
+                            rebuilt + flowing + gathered_bwd + buffers + (copies if lay.pp > 1 else 0.0)),
+        "optimizer step": (grads, 0.0, temp + buffers),
+    }
+    phase = max(phases, key=lambda k: sum(phases[k]))
+    g, a, other = phases[phase]
+    return MemoryEstimate(params=params, grads=g, optimizer=optim, activations=a, other=other,
+                          peak=params + optim + g + a + other, phase=phase, pp_rank=pp_rank,
+                          microbatch_size=b, in_flight=in_flight)
+
+
+# --- step time -----------------------------------------------------------------------------------
+
+@dataclass
+class StepTime:
+    """Seconds per optimizer step on one device, by cause (a proxy for ranking, not a prediction)."""
+
+    compute: float  # model FLOPs (+ recomputation) at hw.flops_efficiency of peak
+    bubble: float  # pipeline idle time: compute x bubble fraction
+    tp_comm: float  # tensor-parallel all-reduces (or reduce-scatter + all-gather), not overlapped
+    pp_comm: float  # activations and gradients sent between stages
+    dp_comm: float  # data-parallel gathers and reductions left over after overlapping with compute
+    total: float
+
+
+def group_bandwidth(size: int, stride: int, hw: Hardware) -> float:
+    """A mesh group of `size` ranks `stride` apart (Plait's order: pp, dp_replicate, dp_shard, tp;
+    tp innermost) stays inside a node iff size·stride <= gpus_per_node."""
+    return hw.intra_node_bw if size * stride <= hw.gpus_per_node else hw.inter_node_bw
+
+
+def ring_seconds(nbytes: float, group: int, bandwidth: float, kind: str = "all_reduce") -> float:
+    """Ring collective time: all-reduce 2(g-1)/g · bytes/bw; reduce-scatter and all-gather (g-1)/g."""
+    if group <= 1:
+        return 0.0
+    factor = 2 if kind == "all_reduce" else 1
+    return factor * (group - 1) / group * nbytes / bandwidth
+
+
+def recompute_flops_per_token(model, seq_len: int, ac: str) -> float:
+    """Extra forward FLOPs per token: full 2·N_blocks + 4·L·h·s (one more forward of every block);
+    selective 4·L·h·s (the attention core only); none 0."""
+    if ac == "none":
+        return 0.0
+    attention = 4 * model.n_layers * model.dim * seq_len
+    if ac == "selective":
+        return attention
+    matrix, norms = block_params(model)
+    return 2 * model.n_layers * (matrix + norms) + attention
+
+
+def step_time(model, layout: Layout, work: Workload, hw: Hardware, flops_per_token: float) -> StepTime:
+    """compute · (1 + bubble) + TP + PP communication + the DP communication compute does not hide;
+    `flops_per_token` is the model's training FLOPs per token (6N + 12·L·h·s for Llama)."""
+    lay, s = layout, work.seq_len
+    tokens = work.batch_size * s
+    peak = hw.peak_flops * hw.flops_efficiency * (0.5 if work.precision == "fp32" else 1.0)
+    flops = tokens * (flops_per_token + recompute_flops_per_token(model, s, lay.activation_checkpoint))
+    compute = flops / (lay.world_size * peak)
+    bubble = compute * bubble_fraction(lay.schedule, lay.pp, lay.virtual_stages, lay.microbatches)
+
+    dt = dtypes(work.precision, lay.fsdp)
+    b = microbatch_size(lay, work.batch_size)
+    passes = lay.microbatches * lay.grad_accum  # microbatches per step through this device
+    layers = model.n_layers / lay.pp
+    hidden = dt.compute * s * b * model.dim  # one microbatch's activations between blocks
+    # per block: 2 collectives forward, 2 backward, 2 more when full recomputation replays forward
+    n_coll = 4 + (2 if lay.activation_checkpoint == "full" else 0)
+    tp_bw = group_bandwidth(lay.tp, 1, hw)
+    tp = passes * layers * n_coll * ring_seconds(hidden, lay.tp, tp_bw)
+    pp_bw = group_bandwidth(lay.pp, lay.dp * lay.tp, hw)
+    sent = hidden / (lay.tp if lay.sequence_parallel and lay.tp > 1 else 1)
+    pp = 0.0 if lay.pp == 1 else 2 * passes * lay.virtual_stages * sent / pp_bw
+
+    st = stage_params(model, lay.pp, lay.tp, lay.virtual_stages, 0)
+    shard_bw = group_bandwidth(lay.dp_shard, lay.tp, hw)
+    rep_bw = group_bandwidth(lay.dp_replicate, lay.dp_shard * lay.tp, hw)
+    if lay.fsdp:
+        # gather forward and again in backward (per micro-step, once per step under a pipeline),
+        # reduce-scatter fp32 gradients; HSDP all-reduces the shards across replicas
+        gathers = 2 * (1 if lay.pp > 1 else lay.grad_accum)
+        dp = gathers * ring_seconds(dt.unsharded * st.total, lay.dp_shard, shard_bw, "all_gather") \
+            + ring_seconds(4 * st.total, lay.dp_shard, shard_bw, "reduce_scatter") \
+            + ring_seconds(4 * st.total / lay.dp_shard, lay.dp_replicate, rep_bw)
+    else:
+        dp = ring_seconds(4 * st.total, lay.dp, group_bandwidth(lay.dp, lay.tp, hw))
+    exposed = max(0.0, dp - compute)
+    return StepTime(compute=compute, bubble=bubble, tp_comm=tp, pp_comm=pp, dp_comm=exposed,
+                    total=compute + bubble + tp + pp + exposed)
+
+
+# --- ranking ------------------------------------------------------------------------------------
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def candidate_layouts(n_layers: int, devices: int, gpus_per_node: int, batch_size: int,
+                      microbatch_sizes: Iterable[int] = (1, 2, 4, 8)) -> Iterable[Layout]:
+    """Every (tp | gpus_per_node, pp, dp_replicate x dp_shard, FSDP or DDP, schedule, virtual stages
+    splitting the layers evenly, microbatch size, sequence parallelism, recomputation) for `devices`;
+    pp = 1 accumulates gradients over the microbatches, pp > 1 pipelines them. Unchecked: the
+    caller's `problem` rejects what trainer/config.py would."""
+    for tp in divisors(math.gcd(devices, gpus_per_node)):
+        for pp in divisors(devices // tp):
+            if pp > n_layers:
+                continue
+            dp = devices // (tp * pp)
+            if batch_size % dp:
+                continue
+            local = batch_size // dp
+            schedules = [("1f1b", 1)] if pp == 1 else \
+                [("1f1b", 1), ("gpipe", 1)] + [("interleaved_1f1b", v) for v in divisors(n_layers // pp)[1:]
+                                               if n_layers % (pp * v) == 0]
+            for dp_shard in divisors(dp):
+                for backend in ("fsdp", "ddp") if dp_shard == dp else ("fsdp",):
+                    if backend == "ddp" and (tp > 1 or pp > 1 or dp == 1):
+                        continue
+                    for schedule, v in schedules:
+                        for b in microbatch_sizes:
+                            if local % b:
+                                continue
+                            m, accum = (1, local // b) if pp == 1 else (local // b, 1)
+                            for sp in (False, True) if tp > 1 else (False,):
+                                for ac in AC_MODES:
+                                    yield Layout(pp=pp, dp_replicate=dp // dp_shard, dp_shard=dp_shard, tp=tp,
+                                                 virtual_stages=v, microbatches=m, schedule=schedule,
+                                                 sequence_parallel=sp, dp_backend=backend,
+                                                 activation_checkpoint=ac, grad_accum=accum)
+
+
+@dataclass
+class Plan:
+    """One ranked layout: its estimates and whether it fits."""
+
+    layout: Layout
+    memory: MemoryEstimate
+    time: StepTime
+    fits: bool
+    bubble: float
+    notes: list[str] = field(default_factory=list)
+
+
+def communication_notes(layout: Layout, hw: Hardware) -> list[str]:
+    """Which groups cross nodes (TP should not: Megatron-LM §3.3 keeps it on NVLink)."""
+    notes = []
+    if layout.tp > 1:
+        notes.append("tp in node" if layout.tp <= hw.gpus_per_node else "tp ACROSS NODES")
+    if layout.pp > 1 and group_bandwidth(layout.pp, layout.dp * layout.tp, hw) == hw.inter_node_bw:
+        notes.append("pp across nodes")
+    if layout.dp > 1:
+        inner = layout.dp_shard if layout.fsdp else layout.dp
+        where = "in node" if inner * layout.tp <= hw.gpus_per_node else "across nodes"
+        notes.append(("fsdp" if layout.fsdp else "ddp") + f" {where}")
+    return notes
+
+
+def evaluate(model, layout: Layout, work: Workload, hw: Hardware, flops_per_token: float) -> Plan:
+    """Memory (the worst pipeline rank), step time, bubble and fit of one layout."""
+    memory = memory_per_device(model, layout, work, hw)
+    return Plan(layout=layout, memory=memory, time=step_time(model, layout, work, hw, flops_per_token),
+                fits=memory.peak <= hw.memory_bytes * (1 - hw.headroom),
+                bubble=bubble_fraction(layout.schedule, layout.pp, layout.virtual_stages, layout.microbatches),
+                notes=communication_notes(layout, hw))
+
+
+def rank_layouts(model, devices: int, work: Workload, hw: Hardware, flops_per_token: float,
+                 problem: Callable[[Layout], Optional[str]] = lambda layout: None,
+                 layouts: Optional[Iterable[Layout]] = None) -> list[Plan]:
+    """Valid layouts (`problem(layout)` is None) sorted: those that fit first, then by step-time
+    proxy, then by peak memory. `problem` is where the config rules come in (see the CLI)."""
+    if layouts is None:
+        layouts = candidate_layouts(model.n_layers, devices, hw.gpus_per_node, work.batch_size)
+    plans = [evaluate(model, lay, work, hw, flops_per_token) for lay in layouts if problem(lay) is None]
+    return sorted(plans, key=lambda p: (not p.fits, round(p.time.total, 9), p.memory.peak))
