@@ -111,3 +111,28 @@ _problem = _cluster_problem()
 # CI sets PLAIT_REQUIRE_SLURM=1 so a cluster that failed to start fails the tests, not skips them
 needs_cluster = pytest.mark.skipif(
     _problem is not None and os.environ.get("PLAIT_REQUIRE_SLURM") != "1", reason=str(_problem))
+
+
+def logged(run_dir, key: str = "loss") -> dict[int, float]:
+    """{step: value} of one metric from a run's metrics.jsonl."""
+    import json
+
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r[key] for r in rows if key in r}
+
+
+def plait_process(*args: str, cwd) -> subprocess.Popen:
+    """`python -m trainer` on the tiny config, as a user starts it (flags first, then overrides)."""
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    flags = [a for a in args if a.startswith("-")]
+    overrides = [a for a in args if not a.startswith("-")]
+    return subprocess.Popen([sys.executable, "-m", "trainer", *flags, *TINY, *overrides], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def plait_run(*args: str, cwd, timeout: float = 300) -> subprocess.CompletedProcess:
+    proc = plait_process(*args, cwd=cwd)
+    out, err = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)

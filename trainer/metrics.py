@@ -14,7 +14,7 @@ import sys
 import time
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import psutil
 import torch

@@ -1,11 +1,11 @@
 """Composed layouts (parallel/parallelize.py): tensor x pipeline x data parallelism on one mesh,
 each against a single process; and a whole run (`run_rank`) under pp x tp."""
 
-import json
 
 import pytest
 
 from layout_harness import check_layout
+from plait_testing import logged
 from trainer.launch import run_rank
 
 
@@ -22,11 +22,6 @@ def test_layout_matches_single_process(tiny_cfg, run_ranks, layout):
     check_layout(tiny_cfg, run_ranks, *layout)
 
 
-def _logged(run_dir, key) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r[key] for r in rows if key in r}
-
-
 def test_whole_run_under_pipeline_and_tensor_parallel(tiny_cfg, tmp_path, run_ranks, capfd):
     """`run_rank` end to end on pp=2 x tp=2: rank 0 (first stage) logs the last stage's loss and the
     eval loss, equal to one process's; sampling is skipped with a note; a checkpoint is written."""
@@ -37,7 +32,7 @@ def test_whole_run_under_pipeline_and_tensor_parallel(tiny_cfg, tmp_path, run_ra
     run_ranks(4, run_rank, tiny_cfg(*common, "parallel.pp=2", "parallel.tp=2", "parallel.microbatches=2",
                                     run_dir=multi), init_pg=False)
     for key in ("loss", "eval/loss", "grad_norm"):
-        ref, got = _logged(single, key), _logged(multi, key)
+        ref, got = logged(single, key), logged(multi, key)
         assert sorted(got) == sorted(ref) and ref
         for step in ref:
             assert got[step] == pytest.approx(ref[step], rel=1e-5), (key, step)
@@ -59,7 +54,7 @@ def test_resume_under_interleaved_pipeline_and_tensor_parallel(tiny_cfg, tmp_pat
     (part / "metrics.jsonl").write_text("")
     run_ranks(4, run_rank, tiny_cfg(*common, *layout, f"checkpoint.resume={ckpt}", run_dir=part), init_pg=False)
     run_rank(tiny_cfg(*common, f"checkpoint.resume={ckpt}", run_dir=single))
-    ref, resumed, moved = _logged(whole, "loss"), _logged(part, "loss"), _logged(single, "loss")
+    ref, resumed, moved = logged(whole, "loss"), logged(part, "loss"), logged(single, "loss")
     assert sorted(resumed) == sorted(moved) == [3, 4]
     for step in (3, 4):
         assert resumed[step] == ref[step]

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from plait_testing import logged as losses
 from trainer.checkpoint import MANIFEST, Checkpointer, CheckpointError, read_manifest, verify
 from trainer.launch import run_rank
 from trainer.state import ModelState, OptimizerState, Progress
@@ -146,11 +147,6 @@ def test_async_save_on_two_ranks_uses_its_own_group(tmp_path, run_ranks):
     fresh = model_at(0)
     Checkpointer(tmp_path).load(tmp_path / "step_000000007", state(fresh))
     assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), model_at(7).parameters()))
-
-
-def losses(run_dir):
-    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
 def test_two_rank_resume_is_bitwise_and_reshards_to_one_process(tiny_cfg, tmp_path, run_ranks):

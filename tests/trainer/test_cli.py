@@ -8,17 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from plait_testing import TINY
+from plait_testing import TINY, plait_run
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def plait(*args, cwd, timeout=300):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    flags = [a for a in args if a.startswith("-")]
-    overrides = [a for a in args if not a.startswith("-")]
-    return subprocess.run([sys.executable, "-m", "trainer", *flags, *TINY, *overrides], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return plait_run(*args, cwd=cwd, timeout=timeout)
 
 
 @pytest.mark.parametrize("args, words", [

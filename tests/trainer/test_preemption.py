@@ -2,26 +2,16 @@
 exactly where an uninterrupted one would be."""
 
 import json
-import os
 import signal
-import subprocess
-import sys
 
 import pytest
 
-from plait_testing import TINY
+from plait_testing import logged as losses, plait_process
 from trainer.preemption import EXIT_REQUEUE
 
 
 def start(tmp_path, *args):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "trainer", *TINY, *args], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def losses(run_dir):
-    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+    return plait_process(*args, cwd=tmp_path)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
@@ -36,8 +26,8 @@ def test_signal_saves_exits_75_and_resume_is_exact(tmp_path, sig):
     assert proc.returncode == EXIT_REQUEUE, err[-2000:]
     assert "preempted by" in err and "checkpoint saved" in err
     cut = tmp_path / "runs" / "cut"
-    saved = json.loads((cut / "checkpoints" / "latest").read_text() and
-                       (cut / "checkpoints" / (cut / "checkpoints" / "latest").read_text().strip() / "plait.json").read_text())
+    latest = (cut / "checkpoints" / "latest").read_text().strip()
+    saved = json.loads((cut / "checkpoints" / latest / "plait.json").read_text())
     k = saved["counters"]["step"]
     assert 5 <= k < 60
     before = losses(cut)

@@ -4,16 +4,8 @@ import json
 
 import pytest
 
+from plait_testing import logged as losses
 from trainer.launch import run_rank
-
-
-def losses(run_dir) -> dict[int, float]:
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        if "loss" in row:
-            out[row["step"]] = row["loss"]
-    return out
 
 
 def test_single_process_trains_and_checkpoints(tiny_cfg, tmp_path):

@@ -4,7 +4,6 @@ and real jobs on the local two-node cluster that `bash .ci/slurm.sh` starts (mar
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time

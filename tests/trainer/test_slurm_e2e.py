@@ -2,28 +2,19 @@
 that Slurm requeues and that resumes exactly (marked `slurm`; `bash .ci/slurm.sh` starts it)."""
 
 import json
-import os
 import subprocess
-import sys
 import time
 
 import pytest
 
-from plait_testing import TINY, compose, needs_cluster, run_ranks
+from plait_testing import compose, logged as losses, needs_cluster, plait_process, run_ranks
 from trainer.launch import run_rank
 
 SLURM = ["launcher=slurm", "launcher.nodes=2", "parallel.dp_shard=2", "launcher.timeout_min=10"]
 
 
 def plait(*args, cwd):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "trainer", *TINY, *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def losses(run_dir):
-    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+    return plait_process(*args, cwd=cwd)
 
 
 def local_reference(tmp_path, *args):
