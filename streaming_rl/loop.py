@@ -5,6 +5,7 @@ taken at any step boundary, mid-episode included, resumes on exactly the same tr
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -16,6 +17,10 @@ from torch.distributed.checkpoint.stateful import Stateful
 from streaming_rl.agents import StreamAgent
 from streaming_rl.envs import EnvState
 from streaming_rl.normalize import ObservationNormalizer, RewardScaler
+
+
+class Diverged(RuntimeError):
+    """The TD error is no longer a finite number: the learner has blown up."""
 
 
 def time_feature(t: int, limit: int) -> float:
@@ -100,6 +105,9 @@ class StreamLoop:
         next_obs = self.observe(raw, ep.length)
         done = terminated or truncated
         delta = agent.learn(ep.obs, action, self.rewards(reward, done), next_obs, terminated, truncated)
+        if not math.isfinite(delta):
+            raise Diverged(f"the TD error is {delta} after {agent.steps} updates: the learner diverged "
+                           f"(optimizer={agent.cfg.optimizer}, lr={agent.cfg.lr}; ObGD's bound prevents this)")
         ep.ret += reward
         ep.abs_delta += abs(delta)
         if not done:

@@ -82,7 +82,6 @@ class ObGD(torch.optim.Optimizer):
         for key, flat in self._buffers.items():
             for p, view in zip(params, _views(flat, params)):
                 self.state[p][key] = view
-        self.last_step_size = defaults["lr"]
 
     def _state_keys(self) -> tuple[str, ...]:
         return (TRACE,)
@@ -120,7 +119,6 @@ class ObGD(torch.optim.Optimizer):
         self._flat.add_(direction, alpha=-alpha * delta)
         if reset:
             self.reset_traces()
-        self.last_step_size = alpha
         return alpha
 
 

@@ -16,7 +16,7 @@ from streaming_rl.agents import AGENTS, AgentSpec, build_agent
 from streaming_rl.config import (StreamConfig, env_id, exploration_fraction, hidden_size, task_config,
                                  total_steps)
 from streaming_rl.envs import EnvError, family, make_env
-from streaming_rl.loop import ObservationPipeline, StreamLoop
+from streaming_rl.loop import Diverged, ObservationPipeline, StreamLoop
 from streaming_rl.normalize import RewardScaler
 from trainer.checkpoint import Checkpointer
 from trainer.config import ConfigError, PlaitConfig, as_dict
@@ -139,6 +139,9 @@ def run(cfg: PlaitConfig, env: DistEnv) -> dict:
                 checkpointer.wait()
                 raise Preempted(step, preemption.received)
         checkpointer.wait()
+    except Diverged as err:
+        print(f"plait: error: step {progress.step + 1}: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
     finally:
         log.advance(unshown)
         preemption.restore()
