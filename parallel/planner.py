@@ -258,8 +258,8 @@ def loss_backward_bytes(s: int, b: int, vocab: int, t: int = 1) -> float:
 def microbatches_in_flight(schedule: str, pp: int, virtual_stages: int, microbatches: int,
                            pp_rank: int = 0) -> int:
     """Chunk-microbatches whose activations a rank holds at once: gpipe m; 1f1b min(m, p - rank);
-    interleaved (v-1)·m_r + 2(p-1-rank) + 1, m_r = m / max(1, m // p) (torch's rounds; with m = p
-    Megatron's p·v·(1 + (p-1)/(p·v)) = v·p + p - 1 for rank 0), at most m·v."""
+    interleaved (v-1)·m_r + 2(p-1-rank) + 1, m_r = m / max(1, m // p) (torch's rounds; for m >= 2p
+    Megatron's v·p + p - 1 = p·v·(1 + (p-1)/(p·v)) on rank 0), at most m·v."""
     if pp == 1:
         return 1
     if schedule == "gpipe":
@@ -567,9 +567,10 @@ def evaluate(model, layout: Layout, work: Workload, hw: Hardware, flops_per_toke
 def rank_layouts(model, devices: int, work: Workload, hw: Hardware, flops_per_token: float,
                  problem: Callable[[Layout], Optional[str]] = lambda layout: None,
                  layouts: Optional[Iterable[Layout]] = None) -> list[Plan]:
-    """Valid layouts (`problem(layout)` is None) sorted: those that fit first, then by step-time
-    proxy, then by peak memory. `problem` is where the config rules come in (see the CLI)."""
+    """Valid layouts (`problem(layout)` is None), those that fit first, by step-time proxy then
+    peak memory; then those that do not, closest to fitting first. `problem` is where the config
+    rules come in (the CLI passes trainer/config.py's check_combinations)."""
     if layouts is None:
         layouts = candidate_layouts(model.n_layers, devices, hw.gpus_per_node, work.batch_size)
     plans = [evaluate(model, lay, work, hw, flops_per_token) for lay in layouts if problem(lay) is None]
-    return sorted(plans, key=lambda p: (not p.fits, round(p.time.total, 9), p.memory.peak))
+    return sorted(plans, key=lambda p: (0, p.time.total, p.memory.peak) if p.fits else (1, p.memory.peak, 0))
