@@ -150,3 +150,13 @@ def test_cli_runs_a_stream_task(tmp_path):
     run_dir = tmp_path / "runs" / "stream_sarsa-CartPole-v1"
     assert "steps/s" in out.stdout and "done at step 300" in out.stdout
     assert (run_dir / "checkpoints" / "step_000000300" / "plait.json").exists() and episodes(run_dir)
+
+
+def test_plain_sgd_hits_the_stream_barrier_and_stops_clearly(tmp_path, capsys):
+    """Every stream-x trick off: SGD with traces at α = 1 blows up within a few steps."""
+    cfg = config(tmp_path / "run", "q", "CartPole-v1", 2_000, optimizer="sgd", init="default",
+                 layer_norm=False, normalize_obs=False, scale_rewards=False)
+    with pytest.raises(SystemExit) as exit_:
+        run(cfg)
+    assert exit_.value.code == 1
+    assert "diverged" in capsys.readouterr().err
