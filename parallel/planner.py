@@ -1,41 +1,51 @@
 """Layout planner: memory per device and a step-time proxy of a (pp, dp_replicate, dp_shard, tp)
 layout by the analytical model of Megatron-LM (Narayanan et al. SC'21, §3) and of Korthikanti et al.
 2022 ("Reducing Activation Recomputation in Large Transformer Models", §4), with the activation
-counts re-derived for the Llama forward in trainer/models/llama.py.
+counts re-derived from the Llama forward in trainer/models/llama.py.
 
 Pure arithmetic on plain arguments: `model` is anything with ModelConfig's fields (vocab_size, dim,
 n_layers, n_heads, n_kv_heads, ffn_dim, tie_embeddings); which layouts are valid is the caller's
 rule (`rank_layouts` takes a `problem` callable; the `plait-plan` CLI passes trainer/config.py's
 `check_combinations`), so the divisibility rules live in one place.
 
-Activations. Korthikanti et al. count s·b·h·(34 + 5·a·s/h) bytes per layer in fp16 for a GPT
-block (with the a·s² softmax terms). Plait's block differs: RMSNorm (saves x, x·rsqrt(mean x²) and
-the rsqrt), RoPE on q and k, grouped-query attention through `scaled_dot_product_attention` (a
-flash kernel: no s² tensor is kept, only q, the repeated k and v, the output and a per-head
-log-sum-exp), and a SwiGLU MLP of width f (saves w1·x, silu(w1·x), w3·x and their product).
-Per layer and microbatch, with r/n/c the bytes of the residual stream, the norm math and the
-matmul inputs (fp32: 4/4/4; bf16 autocast: 4/4/2; bf16 under FSDP2's mixed precision: 2/2/2),
-k_a and k_f the copies of a norm's output that the q/k/v and w1/w3 matmuls keep (1 each, or
-3 and 2 under autocast, which casts the input once per matmul):
+State. Plait keeps parameters in fp32 under both precisions (bf16 runs compute on bf16 copies:
+FSDP2's gathered parameters, or autocast's casts), so a parameter costs 4 (weight) + 4 (fp32
+gradient) + 8 (AdamW's two moments) = 16 bytes, all divided by dp_shard under FSDP (ZeRO-3);
+Megatron's bf16 weights + fp32 master copy come to 18 (2 + 4 + 4 + 8).
 
-    2·(r + n)·sbh + 2·n·sb            the two RMSNorms            (÷ t under sequence parallelism)
-  + (k_a + k_f)·c·sbh                 matmul inputs (whole sequence, also under SP: DTensor keeps
+Activations. Korthikanti et al. count s·b·h·(34 + 5·a·s/h) bytes per GPT layer in fp16, the
+5·a·s/h part being the a·s² softmax tensors. Plait's block differs: RMSNorm works in fp32 and saves
+x (or its fp32 upcast), x·rsqrt(mean x²) and the rsqrt; RoPE on q and k; grouped-query attention
+through `scaled_dot_product_attention`, a flash kernel that keeps no s² tensor (only q, the
+repeated k and v, the output and a per-head log-sum-exp); a SwiGLU MLP of width f (w1·x, its
+silu, w3·x and their product). Per layer and microbatch, with c the bytes of matmul inputs and
+outputs (fp32: 4, bf16: 2) and k_a, k_f the copies of a norm's output kept by the q/k/v and w1/w3
+matmuls (1 each; 3 and 2 under autocast, which casts the input once per matmul):
+
+    2·(8·sbh + 4·sb)                  the two RMSNorms             (÷ t under sequence parallelism)
+  + (k_a + k_f)·c·sbh                 matmul inputs (the whole sequence also under SP: DTensor keeps
                                       the all-gathered input, where Megatron re-gathers it)
   + 4·c·sbh/t + 4·a·sb/t              q, k and v after RoPE/repeat, attention output; log-sum-exp
   + 4·c·sbf/t                         SwiGLU
 
-i.e. fp32 40·sbh + 16·sbf + (8 + 4a)·sb bytes and bf16 (autocast) 34·sbh + 8·sbf + (8 + 4a)·sb,
-checked against what autograd saves in tests/parallel/test_planner.py. Full recomputation keeps
-the block input r·sbh (÷ t under SP) and rebuilds one block at a time in backward; selective
-recomputation (parallel/activation_checkpoint.py) keeps the matmul and collective outputs.
-The last stage adds the final norm, the output matmul's input, the fp32 log-softmax (4·sbV/t)
-and, in the loss backward, two more logits-sized fp32 buffers (three under `loss_parallel`).
+i.e. fp32 40·sbh + 16·sbf + (8 + 4a)·sb bytes, bf16 under autocast 34·sbh + 8·sbf + (8 + 4a)·sb
+(plus the bf16 weight copies), bf16 under FSDP2 28·sbh + 8·sbf + (8 + 4a)·sb: the three are checked
+against what autograd saves in tests/parallel/test_planner.py. Full recomputation keeps only the
+block input, r·sbh (r: 4, or 2 under FSDP bf16; ÷ t under SP), and rebuilds one block at a time in
+backward; selective recomputation (parallel/activation_checkpoint.py) keeps matmul and collective
+outputs. The last stage adds the final norm, the output matmul's input, the fp32 log-softmax
+(4·sbV/t) and, in the loss backward, two more logits-sized fp32 buffers (three under TP's
+`loss_parallel`): at s = 8192 and V = 128256 that is 12.6 GB per sequence, often the peak.
+
+Peak. Estimates are of live tensor bytes at a step's peak moment, validated on CPU against the
+allocator's count (tests/parallel/test_planner.py: 15 layouts on 1-4 ranks within 7%); GPU
+allocator caching and fragmentation, the CUDA context and NCCL buffers are `Hardware.headroom`.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
 
 from parallel.pipeline import layer_split, stage_ids
@@ -58,6 +68,7 @@ class Layout:
     schedule: str = "1f1b"
     sequence_parallel: bool = False
     dp_backend: str = "fsdp"
+    zero_stage: int = 1  # dp_backend=deepspeed: ZeRO partitions optimizer state (1), + gradients (2), + parameters (3)
     activation_checkpoint: str = "none"
     grad_accum: int = 1
 
@@ -73,6 +84,11 @@ class Layout:
     def fsdp(self) -> bool:
         return self.dp_backend == "fsdp" and self.dp > 1
 
+    @property
+    def zero(self) -> int:
+        """The DeepSpeed ZeRO stage in effect (0: not DeepSpeed, or one data-parallel rank)."""
+        return self.zero_stage if self.dp_backend == "deepspeed" and self.dp > 1 else 0
+
     def describe(self) -> str:
         parts = [f"tp={self.tp}", f"pp={self.pp}"]
         if self.pp > 1:
@@ -80,7 +96,8 @@ class Layout:
             parts.append(f"m={self.microbatches}")
         if self.dp_replicate > 1:
             parts.append(f"dp_replicate={self.dp_replicate}")
-        parts.append(f"dp_shard={self.dp_shard}" if self.dp_backend == "fsdp" else f"ddp={self.dp}")
+        backend = {"fsdp": "dp_shard", "ddp": "ddp", "deepspeed": f"zero{self.zero_stage}"}[self.dp_backend]
+        parts.append(f"{backend}={self.dp_shard if self.dp_backend == 'fsdp' else self.dp}")
         if self.grad_accum > 1:
             parts.append(f"accum={self.grad_accum}")
         if self.sequence_parallel:
@@ -178,7 +195,7 @@ def stage_params(model, pp: int, tp: int, virtual_stages: int = 1, pp_rank: int 
     block = matrix // tp + norms
     per_tensor = [model.dim * model.ffn_dim // tp] + ([vh] if root else [])
     return StageParams(total=layers * block + root, root=root, block=block, largest=max(per_tensor),
-                       matrices=layers * (matrix // tp) + (vh if last and not model.tie_embeddings else 0),
+                       matrices=layers * (matrix // tp) + (vh if last else 0),  # output: cast even if tied
                        layers=layers, first=first, last=last)
 
 
@@ -202,6 +219,18 @@ def ddp_bucket_bytes(params: int, ddp: bool) -> float:
     return 4 * params if ddp else 0
 
 
+# DeepSpeed's default reduce_bucket_size (elements), which parallel/deepspeed_zero.py leaves as is:
+# every rank allocates it as one fp32 buffer whatever the model's size (2 GB, measured on CPU).
+ZERO_BUCKET_ELEMENTS = 500_000_000
+
+
+def zero_state_bytes(params: int, dp: int, stage: int) -> tuple[float, float, float]:
+    """DeepSpeed ZeRO (Rajbhandari et al. SC'20) with Plait's fp32 weights: (parameters 4·P, /d at
+    stage 3; gradients 4·P, /d from stage 2; optimizer 12·P/d = the fp32 partition it steps + AdamW's
+    two moments)."""
+    return (4 * params / (dp if stage >= 3 else 1), 4 * params / (dp if stage >= 2 else 1), 12 * params / dp)
+
+
 def optimizer_temp_bytes(params: int, largest: int, dp_shard: int, fsdp: bool, foreach: bool) -> float:
     """AdamW step temporaries: foreach (GPU) 4·P/d for sqrt(v); per tensor (CPU) 2·4·largest/d."""
     div = dp_shard if fsdp else 1
@@ -213,8 +242,9 @@ def optimizer_temp_bytes(params: int, largest: int, dp_shard: int, fsdp: bool, f
 def layer_activation_bytes(s: int, b: int, model, t: int = 1, sp: bool = False,
                            dt: Dtypes = FP32, ac: str = "none") -> float:
     """Bytes one block keeps for backward per microbatch (module docstring): none =
-    2(r+n)sbh/t' + 2n·sb/t' + (k_a+k_f)c·sbh + 4c·sbh/t + 4a·sb/t + 4c·sbf/t (t' = t under SP);
-    full = r·sbh/t'; selective = r·sbh/t' + c·(sbh + 2sb·kv·hd + 2sbf)/t + 2c·sbh (+2c·sbh/t' TP)."""
+    (16·sbh + 8·sb)/t' + (k_a+k_f)·c·sbh + (4c·sbh + 4a·sb)/t + 4c·sbf/t (t' = t under SP);
+    full = r·sbh/t'; selective = r·sbh/t' + c·(sbh + 2·sb·kv·hd + 2·sbf)/t + 2c·sbh, and under TP
+    + 2c·sbh/t' (all-reduce / reduce-scatter outputs) + 2r·sbh (SP's all-gathers)."""
     h, f, a = model.dim, model.ffn_dim, model.n_heads
     sbh, sb = s * b * h, s * b
     tn = t if sp and t > 1 else 1
@@ -223,7 +253,8 @@ def layer_activation_bytes(s: int, b: int, model, t: int = 1, sp: bool = False,
     if ac == "selective":
         kv = model.n_kv_heads * (h // a)
         mm = dt.compute * (sbh + 2 * sb * kv + 2 * sb * f) / t + 2 * dt.compute * sbh  # wq wk wv w1 w3; wo w2
-        collectives = 2 * dt.compute * sbh / tn if t > 1 else 0  # the two all-reduce (or reduce-scatter) outputs
+        # the two all-reduce (under SP: reduce-scatter) outputs; under SP also the two all-gathered norm outputs
+        collectives = (2 * dt.compute * sbh / tn + (2 * dt.residual * sbh if sp else 0)) if t > 1 else 0
         return dt.residual * sbh / tn + mm + collectives
     if ac != "none":
         raise ValueError(f"activation checkpointing {ac!r}; allowed: {', '.join(AC_MODES)}")
@@ -241,8 +272,8 @@ def recompute_bytes(s: int, b: int, model, t: int, sp: bool, dt: Dtypes, ac: str
 
 def head_activation_bytes(s: int, b: int, model, t: int = 1, sp: bool = False,
                           dt: Dtypes = FP32) -> float:
-    """Last stage, kept for backward: final norm (r+n)sbh/t' + n·sb/t', output input c·sbh,
-    fp32 log-softmax 4·sbV/t."""
+    """Last stage, kept for backward: final norm (8·sbh + 4·sb)/t', output input c·sbh, fp32
+    log-softmax 4·sbV/t."""
     tn = t if sp and t > 1 else 1
     sbh = s * b * model.dim
     return (8 * sbh + 4 * s * b) / tn + dt.compute * sbh \
@@ -347,6 +378,9 @@ def memory_per_device(model, layout: Layout, work: Workload, hw: Hardware = Hard
     params = weight_bytes(st.total, lay.dp_shard, lay.fsdp)
     grads = grad_bytes(st.total, lay.dp_shard, lay.fsdp)
     optim = optimizer_bytes(st.total, lay.dp_shard, lay.fsdp) + ddp_bucket_bytes(st.total, ddp)
+    if lay.zero:
+        params, grads, optim = zero_state_bytes(st.total, lay.dp, lay.zero)
+        optim += 4 * ZERO_BUCKET_ELEMENTS
 
     # each chunk-microbatch in flight: its layers' saved tensors, and the chunk's output, which the
     # pipeline stage holds until that microbatch's backward; on the last chunk instead (one
@@ -378,6 +412,10 @@ def memory_per_device(model, layout: Layout, work: Workload, hw: Hardware = Hard
     # (PipelineStage.backward_maybe_with_nosync).
     accumulating = lay.grad_accum > 1 or (lay.pp > 1 and lay.microbatches * lay.virtual_stages > in_flight)
     gathered_fwd = gathered_bwd = 0.0
+    if lay.zero == 3:  # ZeRO-3 gathers module by module, like FSDP2 (in fp32: autocast casts later);
+        # reducing a bucket flattens its gradients and the collective takes a copy (gloo)
+        gathered_fwd = (st.root + st.block) * 4
+        gathered_bwd = (st.root + st.block) * 8 + 8 * min(st.total, ZERO_BUCKET_ELEMENTS)
     if lay.fsdp:
         u = dt.unsharded
         if lay.pp > 1:
@@ -391,7 +429,8 @@ def memory_per_device(model, layout: Layout, work: Workload, hw: Hardware = Hard
     if rebuilt:
         rebuilt += block_copies
     flowing = 2 * dt.residual * s * b * model.dim  # the gradient arriving at a block and the one it sends on
-    temp = optimizer_temp_bytes(st.total, st.largest, lay.dp_shard, lay.fsdp, hw.optimizer_foreach)
+    temp = optimizer_temp_bytes(st.total, st.largest, lay.dp if lay.zero else lay.dp_shard,
+                                lay.fsdp or bool(lay.zero), hw.optimizer_foreach)
     # accumulating gradients: sharded ones, except under FSDP x PP where they stay unsharded (above)
     held_grads = grads if accumulating and not (lay.fsdp and lay.pp > 1) else 0.0
     phases = {  # phase: (grads live, activations, other)
@@ -475,11 +514,12 @@ def step_time(model, layout: Layout, work: Workload, hw: Hardware, flops_per_tok
     st = stage_params(model, lay.pp, lay.tp, lay.virtual_stages, 0)
     shard_bw = group_bandwidth(lay.dp_shard, lay.tp, hw)
     rep_bw = group_bandwidth(lay.dp_replicate, lay.dp_shard * lay.tp, hw)
-    if lay.fsdp:
+    if lay.zero == 3 or lay.fsdp:
         # gather forward and again in backward (per micro-step, once per step under a pipeline),
         # reduce-scatter fp32 gradients; HSDP all-reduces the shards across replicas
         gathers = 2 * (1 if lay.pp > 1 else lay.grad_accum)
-        dp = gathers * ring_seconds(dt.unsharded * st.total, lay.dp_shard, shard_bw, "all_gather") \
+        u = 4 if lay.zero else dt.unsharded
+        dp = gathers * ring_seconds(u * st.total, lay.dp_shard, shard_bw, "all_gather") \
             + ring_seconds(4 * st.total, lay.dp_shard, shard_bw, "reduce_scatter") \
             + ring_seconds(4 * st.total / lay.dp_shard, lay.dp_replicate, rep_bw)
     else:
@@ -497,10 +537,11 @@ def divisors(n: int) -> list[int]:
 
 def candidate_layouts(n_layers: int, devices: int, gpus_per_node: int, batch_size: int,
                       microbatch_sizes: Iterable[int] = (1, 2, 4, 8)) -> Iterable[Layout]:
-    """Every (tp | gpus_per_node, pp, dp_replicate x dp_shard, FSDP or DDP, schedule, virtual stages
-    splitting the layers evenly, microbatch size, sequence parallelism, recomputation) for `devices`;
-    pp = 1 accumulates gradients over the microbatches, pp > 1 pipelines them. Unchecked: the
-    caller's `problem` rejects what trainer/config.py would."""
+    """Every (tp | gpus_per_node, pp, dp_replicate x dp_shard, data-parallel backend, schedule,
+    virtual stages splitting the layers evenly, microbatch size, sequence parallelism, recomputation)
+    for `devices`; pp = 1 accumulates gradients over the microbatches, pp > 1 pipelines them.
+    Unchecked: the caller's `problem` rejects what trainer/config.py would (DDP and DeepSpeed are
+    only proposed without tp, pp and dp_replicate, which Plait refuses, to keep the search small)."""
     for tp in divisors(math.gcd(devices, gpus_per_node)):
         for pp in divisors(devices // tp):
             if pp > n_layers:
@@ -513,9 +554,10 @@ def candidate_layouts(n_layers: int, devices: int, gpus_per_node: int, batch_siz
                 [("1f1b", 1), ("gpipe", 1)] + [("interleaved_1f1b", v) for v in divisors(n_layers // pp)[1:]
                                                if n_layers % (pp * v) == 0]
             for dp_shard in divisors(dp):
-                for backend in ("fsdp", "ddp") if dp_shard == dp else ("fsdp",):
-                    if backend == "ddp" and (tp > 1 or pp > 1 or dp == 1):
-                        continue
+                backends = [("fsdp", 1)]
+                if dp_shard == dp > 1 and tp == pp == 1:
+                    backends += [("ddp", 1)] + [("deepspeed", z) for z in (1, 2, 3)]
+                for backend, zero in backends:
                     for schedule, v in schedules:
                         for b in microbatch_sizes:
                             if local % b:
@@ -525,7 +567,7 @@ def candidate_layouts(n_layers: int, devices: int, gpus_per_node: int, batch_siz
                                 for ac in AC_MODES:
                                     yield Layout(pp=pp, dp_replicate=dp // dp_shard, dp_shard=dp_shard, tp=tp,
                                                  virtual_stages=v, microbatches=m, schedule=schedule,
-                                                 sequence_parallel=sp, dp_backend=backend,
+                                                 sequence_parallel=sp, dp_backend=backend, zero_stage=zero,
                                                  activation_checkpoint=ac, grad_accum=accum)
 
 

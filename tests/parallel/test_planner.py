@@ -209,6 +209,9 @@ LAYOUTS = [
     ("tiny", ["parallel.pp=2", "parallel.virtual_stages=2", "parallel.schedule=interleaved_1f1b",
               "parallel.microbatches=4"]),
     ("tiny", ["parallel.tp=2", "parallel.dp_shard=2"]),
+    # DeepSpeed's default 5e8-element fp32 bucket (2 GB) is most of this peak; skipped where Plait
+    # refuses dp_backend=deepspeed (no deepspeed installed, or a version without ZeRO)
+    ("tiny", ["parallel.dp_shard=2", "parallel.dp_backend=deepspeed", "parallel.zero_stage=3"]),
 ]
 _rows: list[tuple] = []
 
@@ -224,7 +227,12 @@ def _estimate(cfg: dict, pp_rank: int):
 
 @pytest.mark.parametrize("shape,layout", LAYOUTS, ids=[f"{s}:{' '.join(o) or 'single'}" for s, o in LAYOUTS])
 def test_estimate_within_20_percent_of_measured_peak(tiny_cfg, run_ranks, shape, layout):
-    cfg = tiny_cfg(*BASE, *SHAPES[shape], *layout)
+    try:
+        cfg = tiny_cfg(*BASE, *SHAPES[shape], *layout)
+    except Exception as err:  # noqa: BLE001 - Hydra wraps the ConfigError of a refused layout
+        if "deepspeed" in " ".join(layout):
+            pytest.skip(f"Plait refuses this layout here: {err}")
+        raise
     world = world_of(layout)
     start = time.perf_counter()
     measured = [measure_peak(cfg)] if world == 1 else run_ranks(world, measure_peak, cfg)
