@@ -327,6 +327,12 @@ def window_mean(episodes, lo, hi):
     return float(np.mean(inside)) if inside else float("nan")
 
 
+def curve_mean(episodes, lo, hi):
+    """Mean over steps (lo, hi] of the learning curve (return of the latest finished episode)."""
+    values = curve(episodes, np.arange(lo + 1, hi + 1, 100))
+    return float(np.nanmean(values)) if np.any(~np.isnan(values)) else float("nan")
+
+
 def plot(results, total, title, path, goal=None):
     import matplotlib
 
@@ -374,6 +380,8 @@ def learning(args):
             "steps": args.q_steps, "seeds": len(q), "window": [int(lo), int(hi)],
             "mean_return_per_seed": [round(x, 1) for x in per_seed],
             "seeds_at_or_above_9500": sum(x >= 9_500 for x in per_seed),
+            "curve_mean_per_seed": [round(curve_mean(r["episodes"], lo, hi), 1) for r in q],
+            "final_return_per_seed": [r["episodes"][-1][1] if r["episodes"] else None for r in q],
             "minutes_per_seed": round(statistics.mean(r["seconds"] for r in q) / 60, 2), "png": str(png)}
     ac = [r for r in results if r["algo"] == "ac"]
     if ac:
@@ -383,6 +391,8 @@ def learning(args):
         plot(ac, args.ac_steps, f"Stream AC(λ), Hopper-v5, {len(ac)} seeds", png, goal=goal)
         report["ac_hopper"] = {
             "steps": args.ac_steps, "seeds": len(ac), "mean_return_last_25k_per_seed": [round(x, 1) for x in per_seed],
+            "curve_mean_last_25k_per_seed": [round(curve_mean(r["episodes"], args.ac_steps - 25_000, args.ac_steps), 1)
+                                             for r in ac],
             "mean_over_seeds": round(float(np.nanmean(per_seed)), 1),
             "minutes_per_seed": round(statistics.mean(r["seconds"] for r in ac) / 60, 2), "png": str(png)}
     print(json.dumps(report), flush=True)

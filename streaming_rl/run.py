@@ -84,18 +84,40 @@ def run(cfg: PlaitConfig, env: DistEnv) -> dict:
              f"{steps:,} steps, optimizer {c.optimizer}, seed {cfg.seed}")
     resume = checkpointer.resolve(cfg.checkpoint.resume)
     if resume is not None:
-        checkpointer.load(resume, components)
+        manifest = checkpointer.load(resume, components)
         if not loop.env_state.exact:
             loop.restart_episode()
             log.text(f"{name}: its state cannot be captured; the resumed run starts a fresh episode")
+        saved_steps = manifest.get("config", {}).get("trainer", {}).get("total_steps")
+        if saved_steps not in (None, cfg.trainer.total_steps) and hasattr(agent, "epsilon"):
+            log.text(f"note: trainer.total_steps was {saved_steps} when saved: the ε schedule's horizon moves")
         log.text(f"resumed from {resume} at step {progress.step} (episode {loop.episode.count + 1}, "
                  f"step {loop.episode.length} of it)")
         log.advance(progress.step)
+    try:
+        recent = stream(cfg, c, loop, steps, progress, components, checkpointer, log, resumed=resume is not None)
+    except Diverged as err:
+        print(f"plait: error: step {progress.step + 1}: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    finally:
+        log.close()
+    result = {"steps": progress.step, "episodes": loop.episode.count,
+              "mean_return_last_20": sum(recent) / len(recent) if recent else float("nan")}
+    if env.is_main:
+        print(f"plait: done at step {progress.step:,}: {loop.episode.count} episodes, mean return of the "
+              f"last {len(recent)} {result['mean_return_last_20']:.2f}; run dir {cfg.run_dir}", flush=True)
+    return result
 
+
+def stream(cfg: PlaitConfig, c: StreamConfig, loop: StreamLoop, steps: int, progress: Progress,
+           components: dict, checkpointer: Checkpointer, log: MetricLogger, resumed: bool) -> deque:
+    """Step until `steps`: episode metrics, summaries, checkpoints every `checkpoint.every` steps,
+    and a save-then-stop on a preemption signal. Returns the last 20 episodic returns."""
+    agent = loop.agent
     preemption = PreemptionHandler()
     recent: deque = deque(maxlen=20)
     every, summary = cfg.checkpoint.every, c.summary_every
-    saved_at = progress.step if resume is not None else -1
+    saved_at = progress.step if resumed else -1
     window_start, window_step, unshown = time.perf_counter(), progress.step, 0
 
     def save() -> None:
@@ -133,22 +155,14 @@ def run(cfg: PlaitConfig, env: DistEnv) -> dict:
                 save()
             else:
                 checkpointer.poll()
-            if preemption.received is not None:  # one process: no ranks to agree with
+            # One process, no ranks to agree with: the flag itself, not a collective, every step.
+            if preemption.received is not None:
                 if saved_at != step:
                     save()
                 checkpointer.wait()
                 raise Preempted(step, preemption.received)
         checkpointer.wait()
-    except Diverged as err:
-        print(f"plait: error: step {progress.step + 1}: {err}", file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
     finally:
         log.advance(unshown)
         preemption.restore()
-        log.close()
-    result = {"steps": progress.step, "episodes": loop.episode.count,
-              "mean_return_last_20": sum(recent) / len(recent) if recent else float("nan")}
-    if env.is_main:
-        print(f"plait: done at step {progress.step:,}: {loop.episode.count} episodes, mean return of the "
-              f"last {len(recent)} {result['mean_return_last_20']:.2f}; run dir {cfg.run_dir}", flush=True)
-    return result
+    return recent
