@@ -160,3 +160,30 @@ def test_plain_sgd_hits_the_stream_barrier_and_stops_clearly(tmp_path, capsys):
         run(cfg)
     assert exit_.value.code == 1
     assert "diverged" in capsys.readouterr().err
+
+
+def test_minatar_runs_through_the_conv_torso_and_resumes_exactly(tmp_path, monkeypatch):
+    pytest.importorskip("minatar")  # the GPL extra: pip install 'plait[minatar]'
+    whole = tmp_path / "whole"
+    run(config(whole, "q", "MinAtar/Breakout-v1", 300))
+    manifest = json.loads((whole / "checkpoints" / "step_000000300" / "plait.json").read_text())
+    assert manifest["env"] == "MinAtar/Breakout-v1"
+
+    class StopAt:
+        checks = 0
+
+        @property
+        def received(self):
+            StopAt.checks += 1
+            return "SIGTERM" if StopAt.checks >= 120 else None
+
+        def restore(self):
+            pass
+
+    cut = tmp_path / "cut"
+    with monkeypatch.context() as patch, pytest.raises(Preempted):
+        patch.setattr(stream_run, "PreemptionHandler", StopAt)
+        run(config(cut, "q", "MinAtar/Breakout-v1", 300))
+    run(config(cut, "q", "MinAtar/Breakout-v1", 300, resume="latest"))
+    assert episodes(cut) == episodes(whole)
+    assert_same_tensors(final_state(cut, tmp_path)["networks"], final_state(whole, tmp_path)["networks"])
