@@ -56,6 +56,8 @@ class ObGD(torch.optim.Optimizer):
 
     Per sample: `zero_grad()`, backward of the output, then `step(delta, reset=...)`; `reset=True`
     clears the traces after the update (episode end; an exploratory action in Watkins's Q(λ)).
+    The parameters become views of one flat vector (one dtype and device): move the module where
+    it will run before building the optimizer.
     """
 
     def __init__(self, params: Iterable[nn.Parameter], lr: float = 1.0, gamma: float = 0.99,
@@ -136,7 +138,8 @@ class AdaptiveObGD(ObGD):
         self._scratch = torch.empty_like(self._flat)
 
     def _state_keys(self) -> tuple[str, ...]:
-        # "step" is a per-coordinate count here (all equal): it keeps the state a flat view too
+        # "step" is a per-coordinate count here (all equal), so the state stays flat views; float32
+        # counts exactly to 2^24 steps, long after 1 − β₂ᵗ has reached 1
         return (TRACE, SECOND_MOMENT, "step")
 
     def _direction(self, group: dict, delta: float) -> torch.Tensor:
