@@ -332,7 +332,7 @@ class MemoryEstimate:
     optimizer: float  # AdamW moments (+ DDP's bucket copy)
     activations: float  # kept for backward by every microbatch in flight
     other: float  # loss buffers, a recomputed block, FSDP-gathered parameters, bf16 weight copies,
-    # pipeline receive buffers, optimizer temporaries: whichever the peak moment holds
+    # pipeline receive buffers, DeepSpeed's bucket, optimizer temporaries: what the peak moment holds
     peak: float
     phase: str  # "activations" | "end of backward" | "optimizer step"
     pp_rank: int
@@ -380,7 +380,6 @@ def memory_per_device(model, layout: Layout, work: Workload, hw: Hardware = Hard
     optim = optimizer_bytes(st.total, lay.dp_shard, lay.fsdp) + ddp_bucket_bytes(st.total, ddp)
     if lay.zero:
         params, grads, optim = zero_state_bytes(st.total, lay.dp, lay.zero)
-        optim += 4 * ZERO_BUCKET_ELEMENTS
 
     # each chunk-microbatch in flight: its layers' saved tensors, and the chunk's output, which the
     # pipeline stage holds until that microbatch's backward; on the last chunk instead (one
@@ -404,6 +403,8 @@ def memory_per_device(model, layout: Layout, work: Workload, hw: Hardware = Hard
     if lay.activation_checkpoint != "none":
         copies -= st.layers * block_copies
     buffers = pipeline_buffer_bytes(lay.pp, lay.virtual_stages, lay.microbatches, pp_rank, boundary)
+    if lay.zero:
+        buffers += 4 * ZERO_BUCKET_ELEMENTS
 
     # FSDP2: the root unit (embedding, norm, output) stays gathered all step; blocks but the last
     # are resharded after forward; in backward a block's parameters and its unsharded fp32 gradients
@@ -593,7 +594,8 @@ def communication_notes(layout: Layout, hw: Hardware) -> list[str]:
     if layout.dp > 1:
         inner = layout.dp_shard if layout.fsdp else layout.dp
         where = "in node" if inner * layout.tp <= hw.gpus_per_node else "across nodes"
-        notes.append(("fsdp" if layout.fsdp else "ddp") + f" {where}")
+        backend = {"fsdp": "fsdp", "ddp": "ddp", "deepspeed": f"zero{layout.zero_stage}"}[layout.dp_backend]
+        notes.append(f"{backend} {where}")
     return notes
 
 
