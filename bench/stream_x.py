@@ -19,6 +19,8 @@ the same algorithms, and (with --learning) the paper's learning benchmarks.
     .venv/bin/python bench/stream_x.py [--steps 3000] [--rounds 5]
     .venv/bin/python bench/stream_x.py --learning [--only q|ac] [--seeds 5] [--q-steps 150000]
         [--ac-steps 450000] [--workers 2] [--out runs/bench-stream-x]
+    .venv/bin/python bench/stream_x.py --learning --only barrier [--seeds 3] [--barrier-steps 30000]
+        (stream-x Q(λ) against SGD Q(λ) with every trick off, at --plain-lr 0.01 0.001 0.0001)
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import multiprocessing as mp
 import os
 import statistics
 import time
+import warnings
 from pathlib import Path
 
 import gymnasium as gym
@@ -287,14 +290,15 @@ def throughput(algo, env_id, steps, rounds, chunk=250, warmup=300):
 # ---------------------------------------------------------------------------------------------
 
 def learning_run(job):
-    """One seed of one algorithm through `streaming_rl.run.run`; returns (steps, returns) of episodes."""
-    algo, env_id, seed, steps, extra, out = job
+    """One seed of one configuration through `streaming_rl.run.run`; returns its episodes
+    (end step, return) and, if the learner blew up, where."""
+    label, algo, env_id, seed, steps, extra, out = job
     torch.set_num_threads(1)
     from streaming_rl.run import run
     from trainer.config import validate
     from trainer.launch import DistEnv, seed_everything
 
-    run_dir = Path(out) / f"stream_{algo}-{env_id}" / f"seed{seed}"
+    run_dir = Path(out) / f"{label}-{env_id}" / f"seed{seed}"
     metrics = run_dir / "metrics.jsonl"
     if metrics.exists():
         metrics.unlink()
@@ -303,14 +307,20 @@ def learning_run(job):
                  "summary_every": 50_000, **extra},
         "env": env_id, "seed": seed, "trainer": {"total_steps": steps},
         "checkpoint": {"every": 0, "save_final": False}, "logger": {"progress": False},
-        "name": f"bench-stream_{algo}-{seed}", "run_dir": str(run_dir),
+        "name": f"bench-{label}-{seed}", "run_dir": str(run_dir),
     })
     seed_everything(seed)
-    start = time.perf_counter()
-    run(cfg, DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
-    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    start, diverged = time.perf_counter(), None
+    try:
+        run(cfg, DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+    except SystemExit:  # a diverged learner (the stream barrier) stops with exit status 1
+        diverged = True
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
     episodes = [(r["step"], r["episode/return"]) for r in rows if "episode/return" in r]
-    return {"algo": algo, "seed": seed, "episodes": episodes, "seconds": time.perf_counter() - start}
+    if diverged:
+        diverged = episodes[-1][0] if episodes else 0
+    return {"label": label, "seed": seed, "episodes": episodes, "diverged_at": diverged,
+            "seconds": time.perf_counter() - start}
 
 
 def curve(episodes, grid):
@@ -333,49 +343,88 @@ def curve_mean(episodes, lo, hi):
     return float(np.nanmean(values)) if np.any(~np.isnan(values)) else float("nan")
 
 
-def plot(results, total, title, path, goal=None):
+def plot(groups, total, title, path, goal=None):
+    """Mean ± standard error over seeds of each group's curve; a diverged seed counts until it
+    diverged."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     grid = np.linspace(total / 200, total, 200)
-    curves = np.array([curve(r["episodes"], grid) for r in results])
-    mean = np.nanmean(curves, axis=0)
-    n = np.sum(~np.isnan(curves), axis=0)
-    se = np.nanstd(curves, axis=0, ddof=1) / np.sqrt(np.maximum(n, 1)) if len(results) > 1 else 0 * mean
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(grid, mean, label=f"Plait stream-x, {len(results)} seed(s)")
-    ax.fill_between(grid, mean - se, mean + se, alpha=0.3, label="± standard error")
+    for name, results in groups.items():
+        curves = np.array([curve(r["episodes"], grid) if r["episodes"] else np.full(len(grid), np.nan)
+                           for r in results])
+        for row, r in zip(curves, results):
+            if r["diverged_at"] is not None:
+                row[grid > r["diverged_at"]] = np.nan
+        n = np.sum(~np.isnan(curves), axis=0)
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mean = np.nanmean(curves, axis=0)
+            se = np.nanstd(curves, axis=0, ddof=1) / np.sqrt(n) if len(results) > 1 else 0 * mean
+        se = np.nan_to_num(se)
+        diverged = sum(r["diverged_at"] is not None for r in results)
+        note = f", {diverged} diverged" if diverged else ""
+        line, = ax.plot(grid, mean, label=f"{name}, {len(results)} seed(s){note}")
+        ax.fill_between(grid, mean - se, mean + se, alpha=0.3, color=line.get_color())
     if goal is not None:
         ax.axhline(goal, color="gray", linestyle="--", linewidth=1, label=f"goal {goal:,}")
     ax.set_xlabel("environment steps")
-    ax.set_ylabel("episodic return")
+    ax.set_ylabel("episodic return (mean ± standard error)")
     ax.set_title(title)
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
+# Every stream-x trick off: SGD on the same traces, PyTorch's init, no LayerNorm, raw inputs.
+PLAIN = {"optimizer": "sgd", "init": "default", "layer_norm": False, "normalize_obs": False,
+         "scale_rewards": False}
+
+
 def learning(args):
     out = Path(args.out)
     jobs = []
     if args.only in ("", "q"):
-        jobs += [("q", "CartPole-v1", s, args.q_steps, {"max_episode_steps": 10_000}, str(out))
+        jobs += [("stream_q", "q", "CartPole-v1", s, args.q_steps, {"max_episode_steps": 10_000}, str(out))
                  for s in range(args.seeds)]
     if args.only in ("", "ac"):
-        jobs += [("ac", "Hopper-v5", s, args.ac_steps, {}, str(out)) for s in range(args.seeds)]
+        jobs += [("stream_ac", "ac", "Hopper-v5", s, args.ac_steps, {}, str(out)) for s in range(args.seeds)]
+    if args.only == "barrier":
+        for lr in args.plain_lr:
+            jobs += [(f"plain_q_lr{lr:g}", "q", "CartPole-v1", s, args.barrier_steps, {**PLAIN, "lr": lr}, str(out))
+                     for s in range(args.seeds)]
+        jobs += [("stream_q", "q", "CartPole-v1", s, args.barrier_steps, {}, str(out)) for s in range(args.seeds)]
     with mp.get_context("spawn").Pool(args.workers) as pool:
         results = pool.map(learning_run, jobs, chunksize=1)
+    by_label: dict = {}
+    for r in results:
+        by_label.setdefault(r["label"], []).append(r)
     report = {"bench": "stream_x_learning"}
-    q = [r for r in results if r["algo"] == "q"]
+    if args.only == "barrier":
+        png = out / "stream_barrier_cartpole.png"
+        groups = {("stream-x Q(λ)" if k == "stream_q" else f"plain Q(λ): SGD α={k.split('lr')[1]}, no tricks"): v
+                  for k, v in by_label.items()}
+        plot(groups, args.barrier_steps, "The stream barrier: CartPole-v1 (500-step episodes)", png)
+        report["barrier_cartpole"] = {
+            k: {"seeds": len(v), "diverged": sum(r["diverged_at"] is not None for r in v),
+                "mean_return_last_20_episodes": [round(float(np.mean([x for _, x in r["episodes"][-20:]])), 1)
+                                                 if r["episodes"] else None for r in v]}
+            for k, v in by_label.items()}
+        report["barrier_cartpole"]["png"] = str(png)
+        print(json.dumps(report), flush=True)
+        return
+    q = by_label.get("stream_q", [])
     if q:
         lo, hi = 100_000 * args.q_steps / 150_000, args.q_steps
         per_seed = [window_mean(r["episodes"], lo, hi) for r in q]
         png = out / "stream_q_cartpole.png"
-        plot(q, args.q_steps, f"Stream Q(λ), CartPole-v1 (cap 10,000), {len(q)} seeds", png, goal=9_500)
+        plot({"Plait stream-x Q(λ)": q}, args.q_steps, f"Stream Q(λ), CartPole-v1 (cap 10,000), {len(q)} seeds",
+             png, goal=9_500)
         report["q_cartpole"] = {
             "steps": args.q_steps, "seeds": len(q), "window": [int(lo), int(hi)],
             "mean_return_per_seed": [round(x, 1) for x in per_seed],
@@ -383,14 +432,16 @@ def learning(args):
             "curve_mean_per_seed": [round(curve_mean(r["episodes"], lo, hi), 1) for r in q],
             "final_return_per_seed": [r["episodes"][-1][1] if r["episodes"] else None for r in q],
             "minutes_per_seed": round(statistics.mean(r["seconds"] for r in q) / 60, 2), "png": str(png)}
-    ac = [r for r in results if r["algo"] == "ac"]
+    ac = by_label.get("stream_ac", [])
     if ac:
         per_seed = [window_mean(r["episodes"], args.ac_steps - 25_000, args.ac_steps) for r in ac]
         png = out / "stream_ac_hopper.png"
         goal = 2_000 if args.ac_steps >= 2_000_000 else 800
-        plot(ac, args.ac_steps, f"Stream AC(λ), Hopper-v5, {len(ac)} seeds", png, goal=goal)
+        plot({"Plait stream-x AC(λ)": ac}, args.ac_steps, f"Stream AC(λ), Hopper-v5, {len(ac)} seeds", png,
+             goal=goal)
         report["ac_hopper"] = {
-            "steps": args.ac_steps, "seeds": len(ac), "mean_return_last_25k_per_seed": [round(x, 1) for x in per_seed],
+            "steps": args.ac_steps, "seeds": len(ac),
+            "mean_return_last_25k_per_seed": [round(x, 1) for x in per_seed],
             "curve_mean_last_25k_per_seed": [round(curve_mean(r["episodes"], args.ac_steps - 25_000, args.ac_steps), 1)
                                              for r in ac],
             "mean_over_seeds": round(float(np.nanmean(per_seed)), 1),
@@ -403,10 +454,13 @@ def main():
     ap.add_argument("--steps", type=int, default=3000, help="steps per timed round")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--learning", action="store_true")
-    ap.add_argument("--only", choices=["", "q", "ac"], default="")
+    ap.add_argument("--only", choices=["", "q", "ac", "barrier"], default="",
+                    help="barrier: stream-x Q(λ) against plain SGD Q(λ) with every trick off, on CartPole")
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--q-steps", type=int, default=150_000)
     ap.add_argument("--ac-steps", type=int, default=450_000)
+    ap.add_argument("--barrier-steps", type=int, default=30_000)
+    ap.add_argument("--plain-lr", type=float, nargs="+", default=[0.01, 0.001, 0.0001])
     ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--out", default="runs/bench-stream-x")
     args = ap.parse_args()
