@@ -49,7 +49,7 @@ def load_model(name: Optional[str], path: Optional[str]) -> ModelConfig:
                             "(or --model-config path.yaml)")
     try:
         raw = OmegaConf.load(file)
-        if "model" in raw and isinstance(raw.model, dict | type(raw)):  # a whole config with a model: section
+        if OmegaConf.is_dict(raw.get("model")):  # a whole Plait config: its model section
             raw = raw.model
         merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), raw)
     except (OmegaConfBaseException, ValueError) as err:
