@@ -1,7 +1,8 @@
 """The composing step: apply each parallel technique to a model, in order, on one mesh.
 
 torchtitan's order: pipeline split -> tensor parallel -> activation checkpointing -> data parallel
-(FSDP2 / DDP), the last three on each model part this rank holds.
+(FSDP2 / DDP), the last three on each model part this rank holds. DeepSpeed ZeRO wraps model and
+optimizer together, so it comes after the optimizer is built (parallel/deepspeed_zero.py).
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ def parallelize(model: nn.Module, mesh: Optional[DeviceMesh], parallel, precisio
 def _apply_dp(part: nn.Module, mesh: DeviceMesh, parallel, precision: str) -> nn.Module:
     """FSDP2 shards `part` in place (returned as is); DDP returns a wrapper around it."""
     if parallel.dp_replicate * parallel.dp_shard == 1:
+        return part
+    if parallel.dp_backend == "deepspeed":  # wrapped with the optimizer, later: apply_deepspeed
         return part
     if parallel.dp_backend == "ddp":
         return apply_ddp(part, mesh["dp"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -20,8 +21,8 @@ class ConfigError(ValueError):
     """A config value is wrong; the message names the key, the value and what is allowed."""
 
 
-def choice(default: str, *allowed: str):
-    """A string field restricted to `allowed` (checked by `validate`)."""
+def choice(default: Any, *allowed: Any):
+    """A field restricted to `allowed` (checked by `validate`)."""
     return field(default=default, metadata={"choices": (default, *allowed)})
 
 
@@ -82,6 +83,9 @@ class ParallelConfig:
     schedule: str = choice("1f1b", "gpipe", "interleaved_1f1b")
     sequence_parallel: bool = False  # with tp > 1: norms on sequence shards (less activation memory)
     dp_backend: str = choice("fsdp", "ddp", "deepspeed")
+    # dp_backend=deepspeed: what ZeRO partitions over the data-parallel ranks: 1 optimizer state,
+    # 2 + gradients, 3 + parameters (one data-parallel rank: the plain loop, as with fsdp/ddp)
+    zero_stage: int = choice(1, 2, 3)
     activation_checkpoint: str = choice("none", "full", "selective")
 
 
@@ -172,7 +176,7 @@ def _check_choices(node: Any, prefix: str) -> None:
         if dataclasses.is_dataclass(value):
             _check_choices(value, key + ".")
         elif "choices" in f.metadata and value not in f.metadata["choices"]:
-            allowed = ", ".join(f.metadata["choices"])
+            allowed = ", ".join(map(str, f.metadata["choices"]))
             raise ConfigError(f"{key}={value!r} is not allowed; choose one of: {allowed}")
 
 
@@ -217,6 +221,34 @@ def resolve_parallel(p: ParallelConfig, world_size: Optional[int]) -> int:
     return product
 
 
+# What DeepSpeed ZeRO does not compose with here, and why.
+_DEEPSPEED_REFUSED = (
+    ("tp", "ZeRO flattens parameters into its own partitions and cannot hold tensor-parallel DTensors"),
+    ("pp", "Plait's pipeline stages run their own backward, outside the engine, and DeepSpeed's "
+           "PipelineModule has no interleaved schedule and refuses ZeRO-2/3"),
+    ("dp_replicate", "ZeRO partitions over every data-parallel rank (no replicate x shard mesh); "
+                     "use parallel.dp_shard for the data-parallel size"),
+)
+
+
+def _check_deepspeed(p: ParallelConfig, precision: str) -> None:
+    for key, why in _DEEPSPEED_REFUSED:
+        value = getattr(p, key)
+        if value > 1:
+            raise ConfigError(f"parallel.dp_backend=deepspeed with parallel.{key}={value}: {why}; allowed: "
+                              f"parallel.{key}=1, or parallel.dp_backend=fsdp")
+    if p.zero_stage == 3 and precision == "bf16":
+        raise ConfigError(
+            "trainer.precision=bf16 with parallel.dp_backend=deepspeed parallel.zero_stage=3: under torch "
+            "autocast DeepSpeed 0.19.8's ZeRO-3 gradients differ from Plait's bf16 policy (fp32 weights and "
+            "reduction, as DDP and ZeRO-1/2 give to 1e-7) by ~1e-3; allowed: trainer.precision=fp32, or "
+            "parallel.zero_stage=1 or 2"
+        )
+    if importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError("parallel.dp_backend=deepspeed needs the deepspeed package, which is not installed: "
+                          "pip install 'plait[deepspeed]'; or choose parallel.dp_backend=fsdp or ddp")
+
+
 def check_combinations(cfg: PlaitConfig, world_size: Optional[int] = None) -> int:
     """Cross-field rules; returns the world size the run needs."""
     _check_choices(cfg, "")
@@ -258,8 +290,10 @@ def check_combinations(cfg: PlaitConfig, world_size: Optional[int] = None) -> in
             f"parallel.microbatches={p.microbatches}"
         )
     if p.dp_backend == "deepspeed":
-        raise ConfigError("parallel.dp_backend=deepspeed: not available in this version of Plait; "
-                          "allowed: fsdp, ddp")
+        _check_deepspeed(p, t.precision)
+    elif p.zero_stage != 1:
+        raise ConfigError(f"parallel.zero_stage={p.zero_stage} applies to parallel.dp_backend=deepspeed only "
+                          f"(here {p.dp_backend}); allowed: parallel.dp_backend=deepspeed, or leave zero_stage at 1")
     if p.dp_backend == "ddp" and dp > 1 and (p.tp > 1 or p.pp > 1):
         raise ConfigError(
             f"parallel.dp_backend=ddp with parallel.{'tp' if p.tp > 1 else 'pp'}>1: DDP composes with neither "

@@ -45,6 +45,9 @@ class LoopParts:
     # what the loss (forward and backward) runs under, e.g. loss_parallel() for vocabulary-sharded logits
     loss_context: Callable[[], ContextManager] = contextlib.nullcontext
     preemption: Optional[PreemptionHandler] = None
+    # parallel.dp_backend=deepspeed: `model` is this engine; it runs backward, the gradient
+    # reduction, accumulation, clipping, and the optimizer and LR-schedule steps
+    engine: Optional[nn.Module] = None
 
 
 class TrainLoop:
@@ -73,6 +76,8 @@ class TrainLoop:
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor, int]:
         """One optimizer step over grad_accum micro-batches; returns (loss, grad norm, tokens)."""
         accum = self.cfg.trainer.grad_accum
+        if self.p.engine is not None:
+            return self._engine_step(accum)
         self.p.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
         tokens = 0
@@ -93,6 +98,23 @@ class TrainLoop:
         self.p.optimizer.step()
         self.p.scheduler.step()
         return total, norm, tokens
+
+    def _engine_step(self, accum: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """train_step through a DeepSpeed engine: `step()` after each micro-batch only counts until
+        the last one, where it clips, steps the optimizer and the LR schedule, and zeroes grads."""
+        engine = self.p.engine
+        total = torch.zeros((), device=self.device)
+        tokens = 0
+        for _ in range(accum):
+            inputs, targets = next(self.p.train)
+            inputs, targets = inputs.to(self.device), targets.to(self.device)
+            tokens += inputs.numel()
+            with self.autocast:
+                loss = self.p.loss_fn(engine(inputs), targets) / accum
+            engine.backward(loss, scale_wrt_gas=False)  # already divided, as above
+            engine.step()
+            total += loss.detach()
+        return total, torch.as_tensor(engine.get_global_grad_norm(), dtype=torch.float32), tokens
 
     @torch.no_grad()
     def evaluate(self) -> float:

@@ -64,6 +64,18 @@ def run(cfg: PlaitConfig, env: DistEnv) -> dict:
                                          loss_fn=cross_entropy_loss)
     optimizer = build_optimizer(parts, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.trainer.max_steps)
+    model_state, optimizer_state = ModelState(parts), OptimizerState(parts, optimizer)
+    engine = None
+    if cfg.parallel.dp_backend == "deepspeed" and dims.dp > 1:  # ZeRO takes model and optimizer together
+        from parallel.deepspeed_zero import apply_deepspeed
+
+        engine, model_state, optimizer_state = apply_deepspeed(
+            model, optimizer, scheduler, mesh["dp"], cfg.parallel.zero_stage,
+            micro_batch_size=cfg.trainer.batch_size // (dims.dp * cfg.trainer.grad_accum),
+            grad_accum=cfg.trainer.grad_accum, grad_clip=cfg.optim.grad_clip,
+            bf16_autocast=cfg.trainer.precision == "bf16",
+        )
+        model = engine  # forward runs through it
 
     start = time.perf_counter()
     data = build_data(
@@ -88,7 +100,7 @@ def run(cfg: PlaitConfig, env: DistEnv) -> dict:
     progress = Progress()
     rng = RNGState(env.rank)
     components = {
-        "model": ModelState(parts), "optimizer": OptimizerState(parts, optimizer),
+        "model": model_state, "optimizer": optimizer_state,
         "lr_scheduler": scheduler, "data": data.train, "rng": rng, "progress": progress,
     }
     # Checkpoint collectives get their own group: sharing the training loop's can deadlock.
@@ -123,7 +135,7 @@ def run(cfg: PlaitConfig, env: DistEnv) -> dict:
             dp_group=mesh["dp"].get_group() if mesh is not None else None,
             pipeline=pipeline, pp_group=mesh["pp"].get_group() if dims.pp > 1 else None,
             loss_context=lambda: tp_loss_context(dims.tp > 1),
-            checkpointer=checkpointer, components=components, preemption=PreemptionHandler(),
+            checkpointer=checkpointer, components=components, preemption=PreemptionHandler(), engine=engine,
         ),
         env.device, progress, log, env.world_size,
     )

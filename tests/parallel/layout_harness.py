@@ -21,7 +21,7 @@ from trainer.models import build_model
 from trainer.models.loss import cross_entropy_loss
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.pretrain import parallel_dims
-from trainer.state import Progress
+from trainer.state import ModelState, OptimizerState, Progress
 
 RTOL = 1e-5
 # 4 layers so pipelines have chunks to cut. Adam's first steps move each weight by ~lr * g/(|g|+eps):
@@ -70,15 +70,25 @@ def build_loop(cfg_dict: dict) -> tuple[TrainLoop, object]:
     model, parts, pipeline = parallelize(model, mesh, cfg.parallel, cfg.trainer.precision,
                                          loss_fn=cross_entropy_loss)
     optimizer = build_optimizer(parts, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.trainer.max_steps)
+    engine, model_state, optimizer_state = None, ModelState(parts), OptimizerState(parts, optimizer)
+    if cfg.parallel.dp_backend == "deepspeed" and dims.dp > 1:  # as trainer/pretrain.py does
+        from parallel.deepspeed_zero import apply_deepspeed
+
+        engine, model_state, optimizer_state = apply_deepspeed(
+            model, optimizer, scheduler, mesh["dp"], cfg.parallel.zero_stage,
+            micro_batch_size=cfg.trainer.batch_size // (dims.dp * cfg.trainer.grad_accum),
+            grad_accum=cfg.trainer.grad_accum, grad_clip=cfg.optim.grad_clip,
+            bf16_autocast=cfg.trainer.precision == "bf16")
+        model = engine
     loop = TrainLoop(
         cfg,
         LoopParts(
-            model=model, parts=parts, optimizer=optimizer,
-            scheduler=build_scheduler(optimizer, cfg.optim, cfg.trainer.max_steps),
+            model=model, parts=parts, optimizer=optimizer, scheduler=scheduler, engine=engine,
             train=batches(cfg, dp_rank, dp_size), make_val=lambda: batches(cfg, dp_rank, dp_size, seed=2),
             loss_fn=cross_entropy_loss, sample_fn=None, flops_per_token=1.0, peak_flops=1.0,
             dp_group=mesh["dp"].get_group() if mesh is not None else None, checkpointer=None,
-            components={}, pipeline=pipeline,
+            components={"model": model_state, "optimizer": optimizer_state}, pipeline=pipeline,
             pp_group=mesh["pp"].get_group() if dims.pp > 1 else None,
             loss_context=lambda: tp_loss_context(dims.tp > 1),
         ),
