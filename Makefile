@@ -7,7 +7,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 # A CPU machine gets this CPU build of torch; a machine whose Python already has a torch keeps it.
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= dev,rl
+EXTRAS ?= dev,rl,deepspeed
 DEMO_ARGS ?=
 
 .PHONY: setup demo test bench clean
