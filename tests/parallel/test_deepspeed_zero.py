@@ -1,6 +1,7 @@
 """DeepSpeed ZeRO-1/2/3 as parallel.dp_backend=deepspeed (parallel/deepspeed_zero.py): each stage on
-2 ranks against one process (loss, grad norm and every gradient of 3 steps, eval loss), gradient
-accumulation, checkpoints in the one format (ZeRO -> one process exactly, ZeRO -> ZeRO bitwise),
+2 ranks against one process (loss, grad norm and every gradient of 3 steps, eval loss, lr),
+gradient accumulation, bf16 against DDP's, a whole run through trainer/pretrain.py, checkpoints in
+the one format (ZeRO -> one process and FSDP2 exactly, ZeRO -> ZeRO bitwise, one process -> ZeRO),
 and the layouts it refuses."""
 
 import importlib
@@ -64,7 +65,7 @@ def zero_steps(cfg_dict: dict, n_steps: int = 3) -> dict:
     # Plait's schedule, stepped once per optimizer step (not per micro-batch), sets the lr applied
     o = loop.cfg.optim
     lr = o.lr * lr_factor(n_steps, o.warmup_steps, loop.cfg.trainer.max_steps, o.schedule, o.min_lr_ratio)
-    assert [g["lr"] for g in loop.p.optimizer.param_groups] == [lr, lr], (loop.p.optimizer.param_groups, lr)
+    assert [g["lr"] for g in loop.p.optimizer.param_groups] == [lr, lr]
     return {"steps": history, "eval": loop.evaluate()}
 
 
