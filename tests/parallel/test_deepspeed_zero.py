@@ -22,7 +22,7 @@ from trainer.optim import lr_factor
 ZERO = ("parallel.dp_shard=2", "parallel.dp_backend=deepspeed")
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="module")
 def deepspeed_imported():
     """Import DeepSpeed once in this process: forked ranks inherit it instead of paying ~7 s each
     (and `deepspeed.initialize` imports torch's inductor through its Muon optimizer: ~5 s more)."""
@@ -69,6 +69,7 @@ def zero_steps(cfg_dict: dict, n_steps: int = 3) -> dict:
     return {"steps": history, "eval": loop.evaluate()}
 
 
+@pytest.mark.usefixtures("deepspeed_imported")
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_matches_single_process(tiny_cfg, run_ranks, stage):
     overrides = (*ZERO, f"parallel.zero_stage={stage}")
@@ -76,11 +77,13 @@ def test_zero_matches_single_process(tiny_cfg, run_ranks, stage):
     assert_same(merge(results), reference(tiny_cfg, overrides))
 
 
+@pytest.mark.usefixtures("deepspeed_imported")
 def test_zero2_gradient_accumulation_matches_single_process(tiny_cfg, run_ranks):
     overrides = (*ZERO, "parallel.zero_stage=2", "trainer.grad_accum=2")
     assert_same(merge(run_ranks(2, zero_steps, tiny_cfg(*BASE, *overrides))), reference(tiny_cfg, overrides))
 
 
+@pytest.mark.usefixtures("deepspeed_imported")
 def test_zero2_bf16_matches_ddp_bf16(tiny_cfg, run_ranks):
     """trainer.precision=bf16 means fp32 weights and gradient reduction, bf16 matmuls (torch
     autocast): ZeRO-2 gives what DDP gives."""
@@ -137,6 +140,7 @@ def fsdp_load(cfg_dict: dict, ckpt) -> dict:
     return {"weights": weights, "loss3": _train(loop, 1, skip=2)}
 
 
+@pytest.mark.usefixtures("deepspeed_imported")
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_checkpoint_loads_in_one_process_and_resumes(tiny_cfg, run_ranks, tmp_path, stage):
     """One format both ways: a ZeRO checkpoint holds the optimizer's exact fp32 weights and Adam
@@ -182,6 +186,7 @@ def _logged(run_dir, key) -> dict[int, float]:
     return {r["step"]: r[key] for r in rows if key in r}
 
 
+@pytest.mark.usefixtures("deepspeed_imported")
 def test_whole_run_under_zero3(tiny_cfg, tmp_path, run_ranks, capfd):
     """`plait parallel.dp_backend=deepspeed parallel.zero_stage=3` end to end (trainer/pretrain.py):
     logged loss, grad norm, lr and eval loss equal one process's; sampling runs through the
@@ -218,3 +223,12 @@ def test_deepspeed_refuses_what_does_not_compose(tiny_cfg, overrides, said):
 def test_zero_stage_needs_deepspeed_backend(tiny_cfg):
     with pytest.raises(ConfigError, match=r"parallel.zero_stage=2 applies to parallel.dp_backend=deepspeed only"):
         tiny_cfg("parallel.dp_shard=2", "parallel.zero_stage=2")
+
+
+def test_deepspeed_backend_needs_the_package(tiny_cfg, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"needs the deepspeed package.*plait\[deepspeed\]"):
+        tiny_cfg(*ZERO)
