@@ -29,6 +29,14 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from parallel.activation_checkpoint import unwrapped_fqn
 
+DEEPSPEED_DEFAULT_BUCKET = 500_000_000
+
+
+def zero_bucket_elements(params: int) -> int:
+    """Reduce/all-gather bucket = min(DeepSpeed's 5e8 default, max(1e6, P)): the default alone is a
+    2 GB fp32 buffer per rank even for a tiny model."""
+    return int(min(DEEPSPEED_DEFAULT_BUCKET, max(1_000_000, params)))
+
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
 
@@ -64,11 +72,14 @@ def apply_deepspeed(model: nn.Module, optimizer: torch.optim.Optimizer,
 
     names = {id(p): unwrapped_fqn(n) for n, p in model.named_parameters()}
     fqn_groups = [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
+    bucket = zero_bucket_elements(sum(p.numel() for p in model.parameters()))
     config = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": grad_clip,
-        "zero_optimization": {"stage": stage},
+        "zero_optimization": {"stage": stage, "reduce_bucket_size": bucket, "allgather_bucket_size": bucket,
+                              **({"stage3_prefetch_bucket_size": bucket}
+                                 if stage == 3 else {})},
         "steps_per_print": 2**62,  # Plait logs; DeepSpeed's own progress lines are off
         # Plait's bf16 = fp32 master weights, bf16 matmuls, fp32 gradient reduction: torch autocast,
         # with no module's gradients communicated in bf16 (DeepSpeed's default would do Linears).

@@ -48,6 +48,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
 
+from parallel.deepspeed_zero import zero_bucket_elements
 from parallel.pipeline import layer_split, stage_ids
 
 GiB = 2**30
@@ -219,9 +220,6 @@ def ddp_bucket_bytes(params: int, ddp: bool) -> float:
     return 4 * params if ddp else 0
 
 
-# DeepSpeed's default reduce_bucket_size (elements), which parallel/deepspeed_zero.py leaves as is:
-# every rank allocates it as one fp32 buffer whatever the model's size (2 GB, measured on CPU).
-ZERO_BUCKET_ELEMENTS = 500_000_000
 
 
 def zero_state_bytes(params: int, dp: int, stage: int) -> tuple[float, float, float]:
@@ -404,7 +402,7 @@ def memory_per_device(model, layout: Layout, work: Workload, hw: Hardware = Hard
         copies -= st.layers * block_copies
     buffers = pipeline_buffer_bytes(lay.pp, lay.virtual_stages, lay.microbatches, pp_rank, boundary)
     if lay.zero:
-        buffers += 4 * ZERO_BUCKET_ELEMENTS
+        buffers += 4 * zero_bucket_elements(st.total)  # one fp32 bucket per rank
 
     # FSDP2: the root unit (embedding, norm, output) stays gathered all step; blocks but the last
     # are resharded after forward; in backward a block's parameters and its unsharded fp32 gradients
@@ -416,7 +414,7 @@ def memory_per_device(model, layout: Layout, work: Workload, hw: Hardware = Hard
     if lay.zero == 3:  # ZeRO-3 gathers module by module, like FSDP2 (in fp32: autocast casts later);
         # reducing a bucket flattens its gradients and the collective takes a copy (gloo)
         gathered_fwd = (st.root + st.block) * 4
-        gathered_bwd = (st.root + st.block) * 8 + 8 * min(st.total, ZERO_BUCKET_ELEMENTS)
+        gathered_bwd = (st.root + st.block) * 8 + 8 * min(st.total, zero_bucket_elements(st.total))
     if lay.fsdp:
         u = dt.unsharded
         if lay.pp > 1:
