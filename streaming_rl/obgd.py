@@ -113,7 +113,8 @@ class ObGD(torch.optim.Optimizer):
     def step(self, delta: float, reset: bool = False) -> float:  # type: ignore[override]
         """One update with TD error `delta`; returns the step size used (α_eff)."""
         group = self.param_groups[0]
-        self._buffers[TRACE].mul_(group["gamma"] * group["lamda"]).add_(self._flat_grad)
+        trace = self._buffers[TRACE]
+        torch.add(self._flat_grad, trace, alpha=group["gamma"] * group["lamda"], out=trace)  # z ← γλz + g
         direction = self._direction(group, delta)
         alpha = group["lr"]
         if group["overshoot_bound"]:
