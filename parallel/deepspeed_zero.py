@@ -28,6 +28,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.device_mesh import DeviceMesh
 
 from parallel.activation_checkpoint import unwrapped_fqn
+from parallel.optim_state import param_groups_from_json, param_groups_to_json
 
 DEEPSPEED_DEFAULT_BUCKET = 500_000_000
 
@@ -70,8 +71,6 @@ def apply_deepspeed(model: nn.Module, optimizer: torch.optim.Optimizer,
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     deepspeed.utils.logger.setLevel(logging.WARNING)  # its INFO lines would drown Plait's log
 
-    names = {id(p): unwrapped_fqn(n) for n, p in model.named_parameters()}
-    fqn_groups = [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
     bucket = zero_bucket_elements(sum(p.numel() for p in model.parameters()))
     config = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
@@ -87,7 +86,7 @@ def apply_deepspeed(model: nn.Module, optimizer: torch.optim.Optimizer,
     }
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                       config=config, dist_init_required=False)
-    return DeepSpeedZero(engine, ZeroModelState(engine), ZeroOptimizerState(engine, fqn_groups))
+    return DeepSpeedZero(engine, ZeroModelState(engine), ZeroOptimizerState(engine))
 
 
 def _gathered(engine: "DeepSpeedEngine", params: list[nn.Parameter], modifier_rank=None):
@@ -118,13 +117,11 @@ class ZeroModelState(Stateful):
 
 
 class ZeroOptimizerState(Stateful):
-    """The optimizer state as `get_optimizer_state_dict(..., flatten_optimizer_state_dict=True)`
-    writes it for an unsharded model: `state.<fqn>.<key>` (full tensors; `step` per parameter) and
-    `param_groups.<fqn>.<hyperparameter>`."""
+    """The optimizer state as trainer.state.OptimizerState writes it for an unsharded model:
+    `state.<fqn>.<key>` (full tensors; `step` per parameter) and `param_groups` (parallel/optim_state.py)."""
 
-    def __init__(self, engine: "DeepSpeedEngine", fqn_groups: list[list[str]]):
+    def __init__(self, engine: "DeepSpeedEngine"):
         self.engine = engine
-        self.fqn_groups = fqn_groups  # the torch optimizer's groups, by FQN (ZeRO flattens them)
         self.params = {unwrapped_fqn(n): p for n, p in engine.module.named_parameters()}
         self.optimizer = engine.optimizer.optimizer  # the torch optimizer inside ZeRO's wrapper
 
@@ -175,9 +172,7 @@ class ZeroOptimizerState(Stateful):
             for key, partitioned in self._state_keys().items():
                 value = safe_get_full_optimizer_state(p, key) if partitioned else scalars[key]
                 out[f"state.{fqn}.{key}"] = value.detach().clone() if torch.is_tensor(value) else value
-        for group, fqns in zip(self.optimizer.param_groups, self.fqn_groups):
-            for fqn in fqns:
-                out.update({f"param_groups.{fqn}.{k}": v for k, v in group.items() if k != "params"})
+        out["param_groups"] = param_groups_to_json(self.optimizer.param_groups)
         return out
 
     def load_state_dict(self, state: dict) -> None:
@@ -193,6 +188,5 @@ class ZeroOptimizerState(Stateful):
             for key in (k for k, partitioned in keys.items() if not partitioned):
                 value = state[f"state.{first}.{key}"]
                 partition[key] = value.detach().clone() if torch.is_tensor(value) else value
-        for group, fqns in zip(self.optimizer.param_groups, self.fqn_groups):
-            if fqns:
-                group.update({k: state[f"param_groups.{fqns[0]}.{k}"] for k in group if k != "params"})
+        for group, saved in zip(self.optimizer.param_groups, param_groups_from_json(state["param_groups"])):
+            group.update({k: v for k, v in saved.items() if k in group})

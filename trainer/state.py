@@ -14,12 +14,15 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
+    _get_fqns,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
     set_optimizer_state_dict,
 )
 from torch.distributed.checkpoint.stateful import Stateful
+
+from parallel.optim_state import param_groups_from_json, param_groups_to_json
 
 
 class ModelState(Stateful):
@@ -39,9 +42,17 @@ class ModelState(Stateful):
             set_model_state_dict(part, state, options=StateDictOptions(strict=False))
 
 
-# Flattened: every entry, hyperparameters included, keyed by parameter FQN. Grouped by position,
-# pipeline ranks would each save "param_groups.0" for different parameters and DCP keeps one copy.
+# Tensors keyed by parameter FQN, hyperparameters per group (parallel/optim_state.py): reshards,
+# and pipeline ranks never collide.
 FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
+FLAT_LOAD = StateDictOptions(flatten_optimizer_state_dict=True, strict=False)
+
+
+def group_of_fqn(part: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """Which optimizer param group holds each of `part`'s parameters, by the FQNs DCP uses."""
+    index = {id(p): g for g, group in enumerate(optimizer.param_groups) for p in group["params"]}
+    return {fqn: index[id(p)] for name, p in part.named_parameters() if id(p) in index
+            for fqn in _get_fqns(part, name)}
 
 
 class OptimizerState(Stateful):
@@ -54,13 +65,19 @@ class OptimizerState(Stateful):
     def state_dict(self) -> dict:
         out: dict = {}
         for part in self.parts:
-            out.update(get_optimizer_state_dict(part, self.optimizer, options=FLAT))
+            flat = get_optimizer_state_dict(part, self.optimizer, options=FLAT)
+            out.update((k, v) for k, v in flat.items() if k.startswith("state."))
+        out["param_groups"] = param_groups_to_json(self.optimizer.param_groups)
         return out
 
     def load_state_dict(self, state: dict) -> None:
+        groups = param_groups_from_json(state["param_groups"])
+        tensors = {k: v for k, v in state.items() if k.startswith("state.")}
         for part in self.parts:
-            set_optimizer_state_dict(part, self.optimizer, state,
-                                     options=StateDictOptions(flatten_optimizer_state_dict=True, strict=False))
+            flat = dict(tensors)
+            for fqn, g in group_of_fqn(part, self.optimizer).items():
+                flat.update((f"param_groups.{fqn}.{k}", v) for k, v in groups[g].items())
+            set_optimizer_state_dict(part, self.optimizer, flat, options=FLAT_LOAD)
 
 
 class RNGState(Stateful):
