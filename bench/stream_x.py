@@ -319,16 +319,36 @@ def learning_run(job):
     episodes = [(r["step"], r["episode/return"]) for r in rows if "episode/return" in r]
     if diverged:
         diverged = episodes[-1][0] if episodes else 0
-    return {"label": label, "seed": seed, "episodes": episodes, "diverged_at": diverged,
-            "seconds": time.perf_counter() - start}
+    summary = {"diverged_at": diverged, "seconds": time.perf_counter() - start}
+    (run_dir / "bench_result.json").write_text(json.dumps(summary))
+    return {"label": label, "seed": seed, "episodes": episodes, **summary}
 
 
-def curve(episodes, grid):
-    """Return of the latest finished episode at each grid step (NaN before the first)."""
+def stored_run(job):
+    """A finished learning run read back from its run directory (for --replot)."""
+    label, algo, env_id, seed, steps, extra, out = job
+    run_dir = Path(out) / f"{label}-{env_id}" / f"seed{seed}"
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    summary = {"diverged_at": None, "seconds": float("nan")}
+    if (run_dir / "bench_result.json").exists():
+        summary = json.loads((run_dir / "bench_result.json").read_text())
+    episodes = [(r["step"], r["episode/return"]) for r in rows if "episode/return" in r]
+    return {"label": label, "seed": seed, "episodes": episodes, **summary}
+
+
+def curve(episodes, grid, window=0):
+    """At each grid step, the mean return of the episodes that ended within the last `window`
+    steps, or of the latest finished episode when none did (NaN before the first)."""
     steps = np.array([s for s, _ in episodes])
     rets = np.array([r for _, r in episodes])
-    idx = np.searchsorted(steps, grid, side="right") - 1
-    return np.where(idx >= 0, rets[np.clip(idx, 0, None)], np.nan)
+    last = np.searchsorted(steps, grid, side="right") - 1
+    out = np.where(last >= 0, rets[np.clip(last, 0, None)], np.nan)
+    if window > 0:
+        first = np.searchsorted(steps, np.asarray(grid) - window, side="right")
+        cums = np.concatenate([[0.0], np.cumsum(rets)])
+        count = last + 1 - first
+        out = np.where(count > 0, (cums[last + 1] - cums[np.minimum(first, last + 1)]) / np.maximum(count, 1), out)
+    return out
 
 
 def window_mean(episodes, lo, hi):
@@ -354,8 +374,8 @@ def plot(groups, total, title, path, goal=None):
     grid = np.linspace(total / 200, total, 200)
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, results in groups.items():
-        curves = np.array([curve(r["episodes"], grid) if r["episodes"] else np.full(len(grid), np.nan)
-                           for r in results])
+        curves = np.array([curve(r["episodes"], grid, window=total / 100) if r["episodes"]
+                           else np.full(len(grid), np.nan) for r in results])
         for row, r in zip(curves, results):
             if r["diverged_at"] is not None:
                 row[grid > r["diverged_at"]] = np.nan
@@ -372,13 +392,19 @@ def plot(groups, total, title, path, goal=None):
     if goal is not None:
         ax.axhline(goal, color="gray", linestyle="--", linewidth=1, label=f"goal {goal:,}")
     ax.set_xlabel("environment steps")
-    ax.set_ylabel("episodic return (mean ± standard error)")
+    ax.set_ylabel(f"episodic return (episodes of the last {total / 100:,.0f} steps)")
     ax.set_title(title)
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def minutes(results):
+    """Mean wall minutes per seed (None when the runs were only read back)."""
+    m = statistics.mean(r["seconds"] for r in results) / 60
+    return None if math.isnan(m) else round(m, 2)
 
 
 # Every stream-x trick off: SGD on the same traces, PyTorch's init, no LayerNorm, raw inputs.
@@ -399,8 +425,11 @@ def learning(args):
             jobs += [(f"plain_q_lr{lr:g}", "q", "CartPole-v1", s, args.barrier_steps, {**PLAIN, "lr": lr}, str(out))
                      for s in range(args.seeds)]
         jobs += [("stream_q", "q", "CartPole-v1", s, args.barrier_steps, {}, str(out)) for s in range(args.seeds)]
-    with mp.get_context("spawn").Pool(args.workers) as pool:
-        results = pool.map(learning_run, jobs, chunksize=1)
+    if args.replot:
+        results = [stored_run(job) for job in jobs]
+    else:
+        with mp.get_context("spawn").Pool(args.workers) as pool:
+            results = pool.map(learning_run, jobs, chunksize=1)
     by_label: dict = {}
     for r in results:
         by_label.setdefault(r["label"], []).append(r)
@@ -431,7 +460,7 @@ def learning(args):
             "seeds_at_or_above_9500": sum(x >= 9_500 for x in per_seed),
             "curve_mean_per_seed": [round(curve_mean(r["episodes"], lo, hi), 1) for r in q],
             "final_return_per_seed": [r["episodes"][-1][1] if r["episodes"] else None for r in q],
-            "minutes_per_seed": round(statistics.mean(r["seconds"] for r in q) / 60, 2), "png": str(png)}
+            "minutes_per_seed": minutes(q), "png": str(png)}
     ac = by_label.get("stream_ac", [])
     if ac:
         per_seed = [window_mean(r["episodes"], args.ac_steps - 25_000, args.ac_steps) for r in ac]
@@ -445,7 +474,7 @@ def learning(args):
             "curve_mean_last_25k_per_seed": [round(curve_mean(r["episodes"], args.ac_steps - 25_000, args.ac_steps), 1)
                                              for r in ac],
             "mean_over_seeds": round(float(np.nanmean(per_seed)), 1),
-            "minutes_per_seed": round(statistics.mean(r["seconds"] for r in ac) / 60, 2), "png": str(png)}
+            "minutes_per_seed": minutes(ac), "png": str(png)}
     print(json.dumps(report), flush=True)
 
 
@@ -459,6 +488,7 @@ def main():
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--q-steps", type=int, default=150_000)
     ap.add_argument("--ac-steps", type=int, default=450_000)
+    ap.add_argument("--replot", action="store_true", help="figures from the runs already in --out")
     ap.add_argument("--barrier-steps", type=int, default=30_000)
     ap.add_argument("--plain-lr", type=float, nargs="+", default=[0.01, 0.001, 0.0001])
     ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
