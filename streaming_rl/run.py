@@ -33,6 +33,10 @@ def build_loop(cfg: PlaitConfig, c: StreamConfig) -> tuple[StreamLoop, int]:
     steps = total_steps(cfg, c)
     env = make_env(env_id(cfg, c), c.max_episode_steps)
     fam = family(env)
+    space = env.observation_space
+    if not (hasattr(space, "shape") and space.shape is not None and len(space.shape) in (1, 3)):
+        raise ConfigError(f"env={env.spec.id} has observations {space}; stream-x networks take flat vectors "
+                          "or (H, W, C) frames")
     limit = env.spec.max_episode_steps if env.spec is not None else None
     if c.time_feature and not limit:
         raise ConfigError(f"task.time_feature=true but {env.spec.id} has no time limit; "

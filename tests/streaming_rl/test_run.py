@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import gymnasium as gym
+import numpy as np
 import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
@@ -187,3 +189,32 @@ def test_minatar_runs_through_the_conv_torso_and_resumes_exactly(tmp_path, monke
     run(config(cut, "q", "MinAtar/Breakout-v1", 300, resume="latest"))
     assert episodes(cut) == episodes(whole)
     assert_same_tensors(final_state(cut, tmp_path)["networks"], final_state(whole, tmp_path)["networks"])
+
+
+class RandomWalk(gym.Env):
+    """An environment outside the families whose state Plait captures (it lives in this module)."""
+
+    observation_space = gym.spaces.Box(-10, 10, (1,))
+    action_space = gym.spaces.Discrete(2)
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        self.x = 0.0
+        return np.array([self.x], dtype=np.float32), {}
+
+    def step(self, action):
+        self.x += 1.0 if action else -1.0
+        done = abs(self.x) >= 3
+        return np.array([self.x], dtype=np.float32), float(done), done, False, {}
+
+
+def test_envs_of_other_families_resume_at_a_fresh_episode(tmp_path, capsys):
+    if "PlaitTestWalk-v0" not in gym.registry:
+        gym.register("PlaitTestWalk-v0", entry_point=RandomWalk, max_episode_steps=50)
+    run(config(tmp_path / "run", "q", "PlaitTestWalk-v0", 50, every=25))
+    run(config(tmp_path / "run", "q", "PlaitTestWalk-v0", 80, resume="latest"))
+    out = capsys.readouterr().out
+    assert "starts a fresh episode" in out and "done at step 80" in out
+    with pytest.raises(SystemExit):
+        run(config(tmp_path / "b", "q", "FrozenLake-v1", 10))
+    assert "stream-x networks take flat vectors" in capsys.readouterr().err
