@@ -14,16 +14,20 @@ def mixed_precision(param_dtype: torch.dtype) -> MixedPrecisionPolicy:
     return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
 
 
-def apply_fsdp(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype = torch.float32) -> nn.Module:
+def apply_fsdp(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype = torch.float32,
+               pipelined: bool = False) -> nn.Module:
     """Shard each transformer block, then the root (embeddings, norm, head), over `mesh`.
 
-    `mesh` is 1-D (dp_shard: FSDP) or 2-D (dp_replicate, dp_shard: HSDP).
+    `mesh` is 1-D (dp_shard: FSDP) or 2-D (dp_replicate, dp_shard: HSDP). In a pipeline stage the
+    blocks stay gathered between microbatches (torchtitan's policy): resharding after every
+    microbatch's forward would all-gather them again for each one.
     """
     mp = mixed_precision(param_dtype)
     blocks = list(model.layers.values())
     for i, block in enumerate(blocks):
         # The last block's parameters are needed again at once by backward: keep them gathered.
-        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=i < len(blocks) - 1)
+        reshard = not pipelined and i < len(blocks) - 1
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
     fully_shard(model, mesh=mesh, mp_policy=mp)
     return model
 

@@ -67,4 +67,4 @@ def _apply_dp(part: nn.Module, mesh: DeviceMesh, parallel, precision: str) -> nn
     if parallel.dp_backend == "ddp":
         return apply_ddp(part, mesh["dp"])
     dp_mesh = mesh["dp_replicate", "dp_shard"] if parallel.dp_replicate > 1 else mesh["dp_shard"]
-    return apply_fsdp(part, dp_mesh, DTYPES[precision])
+    return apply_fsdp(part, dp_mesh, DTYPES[precision], pipelined=parallel.pp > 1)
