@@ -76,9 +76,7 @@ def apply_deepspeed(model: nn.Module, optimizer: torch.optim.Optimizer,
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": grad_clip,
-        "zero_optimization": {"stage": stage, "reduce_bucket_size": bucket, "allgather_bucket_size": bucket,
-                              **({"stage3_prefetch_bucket_size": bucket}
-                                 if stage == 3 else {})},
+        "zero_optimization": {"stage": stage, "reduce_bucket_size": bucket, "allgather_bucket_size": bucket},
         "steps_per_print": 2**62,  # Plait logs; DeepSpeed's own progress lines are off
         # Plait's bf16 = fp32 master weights, bf16 matmuls, fp32 gradient reduction: torch autocast,
         # with no module's gradients communicated in bf16 (DeepSpeed's default would do Linears).
