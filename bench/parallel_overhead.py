@@ -32,19 +32,15 @@ import argparse
 import copy
 import itertools
 import json
-import multiprocessing as mp
-import os
-import socket
 import statistics
 import time
-import traceback
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from trainer.config import validate
+from parallel.local_ranks import run_ranks
 
 
 def config(pp: int, dp_shard: int, tp: int, batch: int, seq: int, microbatches: int, layers: int = 4):
@@ -209,44 +205,6 @@ def rank_bench(cfg, rounds: int, steps: int) -> dict:
     return {"times": times, "losses": losses}
 
 
-def _rank_main(rank, world, port, fn, args, queue):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)  # a fork after the parent used its thread pool hangs otherwise
-    try:
-        dist.init_process_group("gloo", timeout=timedelta(seconds=300))
-        queue.put((rank, True, fn(*args)))
-    except BaseException:
-        queue.put((rank, False, traceback.format_exc()))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def run_ranks(world: int, fn, *args, timeout: float = 3600.0) -> list:
-    """fn(*args) on `world` gloo ranks forked from this process (torch already imported: a group
-    comes up in well under a second); each rank's result, in rank order."""
-    ctx = mp.get_context("fork")
-    queue = ctx.Queue()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [ctx.Process(target=_rank_main, args=(r, world, port, fn, args, queue)) for r in range(world)]
-    for p in procs:
-        p.start()
-    results = {}
-    try:
-        for _ in range(world):
-            rank, ok, value = queue.get(timeout=timeout)
-            if not ok:
-                raise RuntimeError(f"rank {rank} failed:\n{value}")
-            results[rank] = value
-    finally:
-        for p in procs:
-            p.join(timeout=10 if len(results) == world else 0.1)
-            if p.is_alive():
-                p.kill()
-    return [results[r] for r in range(world)]
 
 
 def main() -> None:
