@@ -46,7 +46,7 @@ def test_bad_options_name_the_key_and_the_allowed_values(task, words):
 
 
 def test_shared_options_yaml_agrees_with_the_schema():
-    listed = yaml.safe_load((TASKS / "stream_options.yaml").read_text())
+    listed = yaml.safe_load((TASKS.parent / "task_options" / "stream.yaml").read_text())
     assert list(listed) == FIELDS
     defaults = dataclasses.asdict(StreamConfig())
     assert {k: v for k, v in listed.items()} == defaults
