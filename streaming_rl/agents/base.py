@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 
 import gymnasium as gym
@@ -33,7 +34,7 @@ def make_optimizer(params, cfg: StreamConfig, kappa: float) -> ObGD:
     return ObGD(params, overshoot_bound=cfg.optimizer == "obgd", **common)
 
 
-class StreamAgent(Stateful):
+class StreamAgent(Stateful, abc.ABC):
     """One transition at a time: `act(obs)`, then `learn(obs, action, reward, next_obs, ...)`.
 
     `act` may keep the forward pass of `obs` for the `learn` that follows (no update happens in
@@ -54,13 +55,14 @@ class StreamAgent(Stateful):
     def network(self, module: nn.Module) -> nn.Module:
         return initialize_(module, self.cfg.init, self.cfg.sparsity)
 
+    @abc.abstractmethod
     def act(self, obs: torch.Tensor):
-        raise NotImplementedError
+        """The action to take in `obs` (and whatever `learn` needs to remember of it)."""
 
+    @abc.abstractmethod
     def learn(self, obs: torch.Tensor, action, reward: float, next_obs: torch.Tensor,
               terminated: bool, truncated: bool) -> float:
         """Update from one transition; returns the TD error δ."""
-        raise NotImplementedError
 
     def components(self) -> dict[str, Stateful]:
         """Weights, optimizer state (eligibility traces), and the agent's own counters."""
