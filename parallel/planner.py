@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
 
 from parallel.deepspeed_zero import zero_bucket_elements
+from parallel.mesh import ParallelDims
 from parallel.pipeline import layer_split, stage_ids
 
 GiB = 2**30
@@ -57,13 +58,9 @@ AC_MODES = ("none", "selective", "full")
 
 
 @dataclass(frozen=True)
-class Layout:
-    """One candidate: the `parallel.*` sizes and choices, plus `trainer.grad_accum`."""
+class Layout(ParallelDims):
+    """One candidate: the mesh sizes (ParallelDims), the `parallel.*` choices, `trainer.grad_accum`."""
 
-    pp: int = 1
-    dp_replicate: int = 1
-    dp_shard: int = 1
-    tp: int = 1
     virtual_stages: int = 1
     microbatches: int = 1
     schedule: str = "1f1b"
@@ -72,14 +69,6 @@ class Layout:
     zero_stage: int = 1  # dp_backend=deepspeed: ZeRO partitions optimizer state (1), + gradients (2), + parameters (3)
     activation_checkpoint: str = "none"
     grad_accum: int = 1
-
-    @property
-    def world_size(self) -> int:
-        return self.pp * self.dp_replicate * self.dp_shard * self.tp
-
-    @property
-    def dp(self) -> int:
-        return self.dp_replicate * self.dp_shard
 
     @property
     def fsdp(self) -> bool:
