@@ -82,8 +82,7 @@ class TrainLoop:
         total = torch.zeros((), device=self.device)
         tokens = 0
         for micro in range(accum):
-            inputs, targets = next(self.p.train)
-            inputs, targets = inputs.to(self.device), targets.to(self.device)
+            inputs, targets = self._next_batch()
             tokens += inputs.numel()
             if self.p.pipeline is not None:  # forward and backward of every microbatch, scheduled
                 with self.p.loss_context(), self.autocast:
@@ -99,6 +98,10 @@ class TrainLoop:
         self.p.scheduler.step()
         return total, norm, tokens
 
+    def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs, targets = next(self.p.train)
+        return inputs.to(self.device), targets.to(self.device)
+
     def _engine_step(self, accum: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         """train_step through a DeepSpeed engine: `step()` after each micro-batch only counts until
         the last one, where it clips, steps the optimizer and the LR schedule, and zeroes grads."""
@@ -106,8 +109,7 @@ class TrainLoop:
         total = torch.zeros((), device=self.device)
         tokens = 0
         for _ in range(accum):
-            inputs, targets = next(self.p.train)
-            inputs, targets = inputs.to(self.device), targets.to(self.device)
+            inputs, targets = self._next_batch()
             tokens += inputs.numel()
             with self.autocast:
                 loss = self.p.loss_fn(engine(inputs), targets) / accum
