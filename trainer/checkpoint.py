@@ -23,6 +23,8 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 import xxhash
+
+from trainer.preemption import requeued
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.stateful import Stateful
 
@@ -130,6 +132,11 @@ def stored_keys(path: Path) -> set[str]:
     return set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
 
 
+def effective_resume(resume: str) -> str:
+    """`resume` as this process should apply it: `none` becomes `auto` in a requeued Slurm job."""
+    return "auto" if resume == "none" and requeued() else resume
+
+
 class Checkpointer:
     """Save, find and load checkpoints of a run.
 
@@ -167,7 +174,9 @@ class Checkpointer:
         return found[-1] if found else None
 
     def resolve(self, resume: str) -> Optional[Path]:
-        """`none` → None; `latest` → newest (error if none); `auto` → newest or None; else a path."""
+        """`none` → None; `latest` → newest (error if none); `auto` → newest or None; else a path.
+        A job Slurm requeued continues from its own checkpoint whatever `resume` says."""
+        resume = effective_resume(resume)
         if resume == "none":
             return None
         if resume in ("latest", "auto"):

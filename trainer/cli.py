@@ -14,7 +14,6 @@ import configs
 from trainer.config import (ConfigError, PlaitConfig, as_dict, check_combinations, env_world_size,
                             register_schema, to_schema)
 from trainer.launch import EXIT_BAD_INPUT, detect_launcher, run_rank, spawn_local
-from trainer.preemption import requeued
 
 register_schema()
 CONFIG_DIR = str(Path(configs.__file__).parent)
@@ -38,14 +37,15 @@ def save_resolved(cfg: PlaitConfig) -> None:
 
 def preflight(cfg: PlaitConfig) -> None:
     """Checks on the run directory that must not wait for ranks to start."""
-    from trainer.checkpoint import Checkpointer
+    from trainer.checkpoint import Checkpointer, effective_resume
 
     ckpt = Checkpointer(cfg.checkpoint.dir)
     latest = ckpt.latest()
-    if cfg.checkpoint.resume == "none" and latest is not None:
+    resume = effective_resume(cfg.checkpoint.resume)
+    if resume == "none" and latest is not None:
         fail(f"{cfg.checkpoint.dir} already holds checkpoints (latest: {latest.name}); pass "
              "checkpoint.resume=latest to continue that run, or a new name=... to start another")
-    if cfg.checkpoint.resume == "latest" and latest is None:
+    if resume == "latest" and latest is None:
         fail(f"checkpoint.resume=latest but {cfg.checkpoint.dir} holds no complete checkpoint; "
              "use checkpoint.resume=auto to start fresh when there is none")
 
@@ -79,8 +79,6 @@ def launch(raw: DictConfig) -> None:
         world = check_combinations(cfg, env_world_size())
     except ConfigError as err:
         fail(f"bad config: {err}")
-    if requeued() and cfg.checkpoint.resume == "none":
-        cfg.checkpoint.resume = "auto"  # a requeued Slurm job continues from its own checkpoint
     cfg_dict = as_dict(cfg)
     launcher = detect_launcher()
     preflight(cfg)  # on every rank, so a refusal never leaves the others waiting for a peer

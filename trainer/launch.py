@@ -21,7 +21,7 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, r
 
 from trainer.checkpoint import CheckpointError
 from trainer.config import PlaitConfig, validate
-from trainer.preemption import EXIT_REQUEUE, Preempted, requeue_slurm_job, requeued
+from trainer.preemption import EXIT_REQUEUE, Preempted, requeue_slurm_job
 
 EXIT_BAD_INPUT = 2
 
@@ -128,8 +128,6 @@ def run_rank(cfg_dict: dict) -> None:
     """
     cfg = validate(cfg_dict)
     apply_accelerate_env(cfg)
-    if requeued() and cfg.checkpoint.resume == "none":
-        cfg.checkpoint.resume = "auto"  # a requeued Slurm job continues from its own checkpoint
     env = init_distributed(cfg)
     seed_everything(cfg.seed)
     try:
