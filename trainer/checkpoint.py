@@ -22,11 +22,13 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
-import xxhash
 
-from trainer.preemption import requeued
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.stateful import Stateful
+
+from trainer.checkpoint_reader import ShardError, VerifiedReader, file_checksum
+from trainer.preemption import requeued
 
 # DCP warns on every single-process save/load; that is a supported mode here, not an accident.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
@@ -61,16 +63,6 @@ def _write_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def file_checksum(path: Path, chunk: int = 8 << 20) -> str:
-    """xxh3-64 of a file's bytes: catches truncation and bit rot at ~6 GB/s, so verifying every
-    load costs little next to reading the data."""
-    digest = xxhash.xxh3_64()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return f"xxh3:{digest.hexdigest()}"
 
 
 def package_versions() -> dict[str, str]:
@@ -122,9 +114,9 @@ def verify(path: Path, checksums: bool = True) -> list[str]:
     return problems
 
 
-def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+def tensor_shapes(path: Path, reader: Optional[dcp.FileSystemReader] = None) -> dict[str, tuple[int, ...]]:
     """Global shape of every tensor stored in a checkpoint, by flattened key."""
-    meta = dcp.FileSystemReader(str(path)).read_metadata()
+    meta = (reader or dcp.FileSystemReader(str(path))).read_metadata()
     return {k: tuple(v.size) for k, v in meta.state_dict_metadata.items() if hasattr(v, "size")}
 
 
@@ -286,7 +278,7 @@ class Checkpointer:
         before any state changes: files, checksums, component keys, tensor shapes."""
         path = Path(path)
         manifest = read_manifest(path)
-        problems = verify(path, checksums=check_checksums)
+        problems = verify(path, checksums=False)  # sizes here; checksums as the reader maps each file
         if problems:
             raise CheckpointError("refusing to load a damaged checkpoint:\n  " + "\n  ".join(problems))
         missing = sorted(set(components) - set(manifest["components"]))
@@ -294,7 +286,8 @@ class Checkpointer:
             raise CheckpointError(
                 f"{path}: has no component(s) {', '.join(missing)}; it holds {', '.join(manifest['components'])}"
             )
-        shapes = tensor_shapes(path)
+        reader = VerifiedReader(path, _checksums(manifest) if check_checksums else None, self.group)
+        shapes = tensor_shapes(path, reader)
         # Each component's state dict is taken once: checked here, filled in place by DCP, then
         # handed back to the component (what dcp.load does for Stateful objects).
         wanted = {name: comp.state_dict() for name, comp in components.items()}
@@ -311,10 +304,27 @@ class Checkpointer:
                 f"{len(absent)} missing key(s)); is the model config the one it was saved with?\n  "
                 + "\n  ".join(lines)
             )
-        dcp.load(wanted, storage_reader=dcp.FileSystemReader(str(path)), process_group=self.group)
+        try:
+            dcp.load(wanted, storage_reader=reader, process_group=self.group)
+        except CheckpointException as err:
+            raise _first_shard_error(err) or err
+        except ShardError as err:
+            raise CheckpointError(str(err)) from None
         for name, comp in components.items():
             comp.load_state_dict(wanted[name])
         return manifest
+
+
+def _checksums(manifest: dict) -> dict[str, str]:
+    return {name: info["checksum"] for name, info in manifest["files"].items()}
+
+
+def _first_shard_error(err: CheckpointException) -> Optional[CheckpointError]:
+    """The verification failure inside DCP's gathered per-rank failures, as a CheckpointError;
+    the one that names files first, so that every rank reports what is wrong."""
+    found = [exc for exc, _ in err.failures.values() if isinstance(exc, ShardError)]
+    found.sort(key=lambda exc: not exc.problems)
+    return CheckpointError(str(found[0])) if found else None
 
 
 def _flat_tensors(tree: Any, prefix: str = "") -> dict[str, torch.Tensor]:
