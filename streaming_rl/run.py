@@ -165,7 +165,7 @@ def stream(cfg: PlaitConfig, c: StreamConfig, loop: StreamLoop, steps: int, prog
                     save()
                 checkpointer.wait()
                 raise Preempted(step, preemption.received)
-        checkpointer.wait()
+        checkpointer.close()
     finally:
         log.advance(unshown)
         preemption.restore()

@@ -10,6 +10,7 @@ any state.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -17,6 +18,7 @@ import shutil
 import sys
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Optional
 
@@ -25,6 +27,7 @@ import torch.distributed as dist
 
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.stateful import Stateful
 
 from trainer.checkpoint_reader import ShardError, VerifiedReader, file_checksum
@@ -34,7 +37,7 @@ from trainer.preemption import requeued
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 FORMAT_VERSION = 1
-WRITER_THREADS = 2  # files each rank writes in parallel (a second stream helps even on 2 cores)
+WRITER_THREADS = 2  # files each rank writes, and reads back, in parallel (a second stream helps even on 2 cores)
 MANIFEST = "plait.json"
 LATEST = "latest"
 STEP_PREFIX = "step_"
@@ -65,6 +68,7 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+@functools.lru_cache(maxsize=1)
 def package_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -147,6 +151,8 @@ class Checkpointer:
         self.distributed = dist.is_initialized()
         self.rank = dist.get_rank() if self.distributed else 0
         self._pending: Optional[tuple] = None  # (future, tmp, final, step, keys, counters, start)
+        self._stager: Optional[DefaultStager] = None
+        self._executor: Optional[ThreadPoolExecutor] = None
 
     # ---- finding --------------------------------------------------------------------------
     def list(self) -> list[Path]:
@@ -203,17 +209,57 @@ class Checkpointer:
         writer = dcp.FileSystemWriter(str(tmp), thread_count=WRITER_THREADS)
         job = (tmp, final, step, sorted(components), counters or {}, start)
         if self.async_save:
-            future = dcp.async_save(dict(components), storage_writer=writer, process_group=self.group)
-            self._pending = (future, *job)
+            written = dcp.async_save(dict(components), storage_writer=writer, process_group=self.group,
+                                     async_stager=self._staging())
+            self._pending = (self._background().submit(self._checksum_when_written, written, tmp), *job)
         else:
             dcp.save(dict(components), storage_writer=writer, process_group=self.group)
-            self._complete(*job)
+            self._complete(self._own_files(tmp), *job)
         return final
 
-    def _complete(self, tmp: Path, final: Path, step: int, keys: list, counters: dict, start: float) -> None:
-        self._barrier()
+    def _own_files(self, tmp: Path) -> dict[str, dict]:
+        """Size and checksum of the shard files this rank wrote (DCP names them `__<rank>_*`):
+        every rank hashes its own, in parallel, instead of rank 0 hashing them all."""
+        return {f.name: {"size": f.stat().st_size, "checksum": file_checksum(f)}
+                for f in sorted(tmp.glob(f"__{self.rank}_*")) if f.is_file()}
+
+    def _checksum_when_written(self, written, tmp: Path) -> dict[str, dict]:
+        written.result()
+        return self._own_files(tmp)
+
+    def _background(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="plait-ckpt")
+        return self._executor
+
+    def _staging(self) -> DefaultStager:
+        """The stager of async saves, kept across saves: its host buffers are allocated (and pinned,
+        with a GPU) once and refilled by later saves, instead of a fresh copy of the state each
+        time. Only one save is in flight at a time, so reusing them is safe."""
+        if self._stager is None:
+            gpu = torch.cuda.is_available()
+            self._stager = DefaultStager(StagingOptions(use_pinned_memory=gpu, use_shared_memory=False,
+                                                        use_async_staging=False, use_non_blocking_copy=gpu))
+        return self._stager
+
+    def close(self) -> None:
+        """Finish a background save and release the async staging buffers and thread."""
+        self.wait()
+        if self._stager is not None:
+            self._stager.close()
+            self._stager = None
+        if self._executor is not None:
+            self._executor.shutdown()
+            self._executor = None
+
+    def _complete(self, files: dict, tmp: Path, final: Path, step: int, keys: list, counters: dict,
+                  start: float) -> None:
+        if self.distributed:  # also the point where every rank has finished writing
+            gathered: list = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, files)
+            files = {name: info for part in gathered for name, info in part.items()}
         if self.rank == 0:
-            self._finalize(tmp, final, step, keys, counters, time.perf_counter() - start)
+            self._finalize(tmp, final, step, keys, counters, time.perf_counter() - start, files)
         self._barrier()
 
     def poll(self) -> Optional[Path]:
@@ -231,13 +277,12 @@ class Checkpointer:
             return None
         future, *job = self._pending
         self._pending = None
-        future.result()
-        self._complete(*job)
+        self._complete(future.result(), *job)
         return job[1]
 
     def _finalize(self, tmp: Path, final: Path, step: int, keys: list, counters: dict,
-                  seconds: float) -> None:
-        files = {f.name: {"size": f.stat().st_size, "checksum": file_checksum(f)}
+                  seconds: float, hashed: dict) -> None:
+        files = {f.name: hashed.get(f.name) or {"size": f.stat().st_size, "checksum": file_checksum(f)}
                  for f in sorted(tmp.iterdir()) if f.is_file()}
         manifest = {
             "format_version": FORMAT_VERSION,
@@ -268,9 +313,10 @@ class Checkpointer:
     def _discard(self, path: Path) -> None:
         """Rename out of sight first, so a crash mid-delete never leaves a half checkpoint that
         still looks complete."""
-        trash = path.with_name(f".trash-{path.name}")
+        trash = path.with_name(f".trash-{path.name}-{time.time_ns()}")
         os.replace(path, trash)
-        shutil.rmtree(trash, ignore_errors=True)
+        # Deleting hundreds of MB takes a while: the training loop need not wait for it.
+        self._background().submit(shutil.rmtree, trash, ignore_errors=True)
 
     # ---- loading --------------------------------------------------------------------------
     def load(self, path: Path, components: dict[str, Stateful], check_checksums: bool = True) -> dict:
@@ -286,7 +332,8 @@ class Checkpointer:
             raise CheckpointError(
                 f"{path}: has no component(s) {', '.join(missing)}; it holds {', '.join(manifest['components'])}"
             )
-        reader = VerifiedReader(path, _checksums(manifest) if check_checksums else None, self.group)
+        reader = VerifiedReader(path, _checksums(manifest) if check_checksums else None, self.group,
+                                threads=WRITER_THREADS)
         shapes = tensor_shapes(path, reader)
         # Each component's state dict is taken once: checked here, filled in place by DCP, then
         # handed back to the component (what dcp.load does for Stateful objects).

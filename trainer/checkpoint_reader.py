@@ -20,6 +20,7 @@ import mmap
 import os
 import struct
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 from pathlib import Path
 from typing import Optional
@@ -128,28 +129,34 @@ class VerifiedReader(FileSystemReader):
     copies tensors out of the mapped files."""
 
     def __init__(self, path: str | Path, checksums: Optional[dict[str, str]] = None,
-                 group: Optional[dist.ProcessGroup] = None):
+                 group: Optional[dist.ProcessGroup] = None, threads: int = 2):
         super().__init__(str(path))
         self.checksums = checksums
         self.group = group
+        self.threads = threads  # files hashed and read in parallel (copies and xxhash drop the GIL)
         self._layouts: dict[bytes, Optional[_Layout]] = {}
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         per_file: dict[str, list[ReadItem]] = {}
         for item in plan.items:
             per_file.setdefault(self.storage_data[item.storage_index].relative_path, []).append(item)
-        maps, problems = self._map_and_verify(per_file)
-        self._agree(problems)
-        if any(self.storage_data[r.storage_index].transform_descriptors for reqs in per_file.values() for r in reqs):
-            return super().read_data(plan, planner)  # stream transforms: DCP's own path
-        for name, reqs in per_file.items():
-            for req in reqs:
-                self._read_item(maps[name], req, planner)
+        with ThreadPoolExecutor(max(1, min(self.threads, len(per_file)))) as pool:
+            maps, problems = self._map_and_verify(per_file, pool)
+            self._agree(problems)
+            if any(self.storage_data[r.storage_index].transform_descriptors for reqs in per_file.values() for r in reqs):
+                return super().read_data(plan, planner)  # stream transforms: DCP's own path
+
+            def read_file(name: str) -> None:
+                for req in per_file[name]:
+                    self._read_item(maps[name], req, planner)
+
+            list(pool.map(read_file, per_file))
         fut: Future = Future()
         fut.set_result(None)
         return fut
 
-    def _map_and_verify(self, per_file: dict) -> tuple[dict[str, memoryview], list[str]]:
+    def _map_and_verify(self, per_file: dict, pool: ThreadPoolExecutor) -> tuple[dict[str, memoryview], list[str]]:
+        """Map each file and hash the mappings in parallel (xxhash releases the GIL)."""
         maps, problems = {}, []
         for name in per_file:
             path = Path(self.path) / name
@@ -158,11 +165,13 @@ class VerifiedReader(FileSystemReader):
             except OSError as err:
                 problems.append(f"{path}: cannot be read ({err.strerror or err})")
                 continue
-            expected = (self.checksums or {}).get(name)
-            if self.checksums is not None and expected is None:
+            if self.checksums is not None and name not in self.checksums:
                 problems.append(f"{path}: not listed in the manifest")
-            elif expected is not None and buffer_checksum(maps[name]) != expected:
-                problems.append(f"{path}: checksum mismatch (corrupted)")
+        if self.checksums is not None:
+            names = [n for n in maps if n in self.checksums]
+            for name, digest in zip(names, pool.map(lambda n: buffer_checksum(maps[n]), names)):
+                if digest != self.checksums[name]:
+                    problems.append(f"{Path(self.path) / name}: checksum mismatch (corrupted)")
         return maps, problems
 
     def _agree(self, problems: list[str]) -> None:

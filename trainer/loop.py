@@ -218,7 +218,7 @@ class TrainLoop:
             if window_steps == 0:  # time the next window from here: eval and saves excluded
                 window_start = time.perf_counter()
         if self.p.checkpointer is not None:
-            self.p.checkpointer.wait()
+            self.p.checkpointer.close()
         return history
 
 
