@@ -407,6 +407,12 @@ def minutes(results):
     return None if math.isnan(m) else round(m, 2)
 
 
+# The paper's CartPole setting: episodes capped at 10,000 steps, the time feature in the observation
+# (so the cap ends an episode of the time-augmented task), and ε decaying over its first 25,000
+# steps (0.05 of its 500k-step runs); the goal's window, steps 100k-150k, ends this run.
+Q_CARTPOLE = {"max_episode_steps": 10_000, "time_feature": True}
+Q_EPSILON_STEPS = 25_000
+
 # Every stream-x trick off: SGD on the same traces, PyTorch's init, no LayerNorm, raw inputs.
 PLAIN = {"optimizer": "sgd", "init": "default", "layer_norm": False, "normalize_obs": False,
          "scale_rewards": False}
@@ -416,8 +422,8 @@ def learning(args):
     out = Path(args.out)
     jobs = []
     if args.only in ("", "q"):
-        jobs += [("stream_q", "q", "CartPole-v1", s, args.q_steps, {"max_episode_steps": 10_000}, str(out))
-                 for s in range(args.seeds)]
+        q_opts = {**Q_CARTPOLE, "exploration_fraction": min(1.0, Q_EPSILON_STEPS / args.q_steps)}
+        jobs += [("stream_q", "q", "CartPole-v1", s, args.q_steps, q_opts, str(out)) for s in range(args.seeds)]
     if args.only in ("", "ac"):
         jobs += [("stream_ac", "ac", "Hopper-v5", s, args.ac_steps, {}, str(out)) for s in range(args.seeds)]
     if args.only == "barrier":

@@ -104,7 +104,10 @@ class StreamLoop:
         ep.length += 1
         next_obs = self.observe(raw, ep.length)
         done = terminated or truncated
-        delta = agent.learn(ep.obs, action, self.rewards(reward, done), next_obs, terminated, truncated)
+        # With time in the observation the time limit is part of the state: reaching it ends the
+        # (time-augmented) episode for real, so it is not bootstrapped past (Pardo et al. 2018).
+        ends = terminated or (truncated and self.observe.time_limit is not None)
+        delta = agent.learn(ep.obs, action, self.rewards(reward, done), next_obs, ends, truncated)
         if not math.isfinite(delta):
             raise Diverged(f"the TD error is {delta} after {agent.steps} updates: the learner diverged "
                            f"(optimizer={agent.cfg.optimizer}, lr={agent.cfg.lr}; ObGD's bound prevents this)")

@@ -1,10 +1,13 @@
-"""The streaming loop's observation pipeline and episode bookkeeping."""
+"""The streaming loop's observation pipeline, episode bookkeeping and episode ends."""
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
 
-from streaming_rl.loop import EpisodeState, ObservationPipeline, time_feature
+from streaming_rl.agents import StreamAgent
+from streaming_rl.loop import EpisodeState, ObservationPipeline, StreamLoop, time_feature
+from streaming_rl.normalize import RewardScaler
 
 
 def test_time_feature_spans_minus_half_to_half():
@@ -31,3 +34,32 @@ def test_episode_state_roundtrip():
     fresh.load_state_dict(ep.state_dict())
     assert fresh.state_dict().keys() == ep.state_dict().keys()
     assert torch.equal(fresh.obs, ep.obs) and (fresh.ret, fresh.length, fresh.count) == (4.5, 7, 2)
+
+
+class _Recorder(StreamAgent):
+    """Acts 0 and records what each learn() was told about the episode's end."""
+
+    def __init__(self):
+        self.seen = []
+        self.steps = 0
+
+    def act(self, obs):
+        return 0
+
+    def learn(self, obs, action, reward, next_obs, terminated, truncated):
+        self.seen.append((terminated, truncated))
+        return 0.0
+
+    def components(self):
+        return {}
+
+
+@pytest.mark.parametrize("with_time, ends", [(True, True), (False, False)])
+def test_time_limit_ends_the_episode_only_when_time_is_observed(with_time, ends):
+    env = gym.make("CartPole-v1", max_episode_steps=3)  # action 0 three times: truncated, not fallen
+    agent = _Recorder()
+    loop = StreamLoop(env, agent, ObservationPipeline((4,), time_limit=3 if with_time else None),
+                      RewardScaler(0.99), seed=0)
+    while loop.step() is None:
+        pass
+    assert agent.seen == [(False, False), (False, False), (ends, True)]
