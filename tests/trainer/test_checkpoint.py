@@ -142,6 +142,23 @@ def _async_two_ranks(directory):
     return ck.latest().name
 
 
+def test_async_saves_reusing_staging_buffers_each_keep_their_own_state(tmp_path):
+    ck = Checkpointer(tmp_path, keep_last=0, async_save=True)
+    m = model_at(1)
+    expected = {}
+    for step in (1, 2, 3):  # each save refills the previous one's staging buffers
+        expected[step] = [p.detach().clone() for p in m.parameters()]
+        ck.save(step, state(m, step))
+        with torch.no_grad():
+            for p in m.parameters():
+                p.mul_(-2.0).add_(1.0)
+    ck.close()
+    for step, params in expected.items():
+        fresh = model_at(0)
+        ck.load(tmp_path / f"step_{step:09d}", state(fresh))
+        assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), params)), step
+
+
 def test_async_save_on_two_ranks_uses_its_own_group(tmp_path, run_ranks):
     assert run_ranks(2, _async_two_ranks, str(tmp_path)) == ["step_000000007"] * 2
     fresh = model_at(0)
