@@ -206,7 +206,9 @@ class Checkpointer:
             tmp.mkdir()
         self._barrier()
         start = time.perf_counter()
-        writer = dcp.FileSystemWriter(str(tmp), thread_count=WRITER_THREADS)
+        # A background write takes one thread: with two, the writers and the training thread
+        # contend for the cores and the training steps slow down (bench/checkpoint.py).
+        writer = dcp.FileSystemWriter(str(tmp), thread_count=1 if self.async_save else WRITER_THREADS)
         job = (tmp, final, step, sorted(components), counters or {}, start)
         if self.async_save:
             written = dcp.async_save(dict(components), storage_writer=writer, process_group=self.group,
