@@ -194,8 +194,9 @@ class Checkpointer:
 
     def save(self, step: int, components: dict[str, Stateful], counters: Optional[dict] = None) -> Path:
         """Write a checkpoint of `components` at `step`. With async_save the state is staged to CPU
-        memory and written in the background; it is made visible (manifest, rename, `latest`) at the
-        next `poll()`, `wait()` or `save()`."""
+        memory and written in the background; it is made visible (manifest, rename, `latest`) as
+        soon as it is written (one process), or at the first `poll()`, `wait()` or `save()` after
+        that, once every rank has written (several ranks)."""
         self.wait()
         final = self.dir / step_dirname(step)
         tmp = self.dir / f".tmp-{final.name}"
@@ -213,7 +214,7 @@ class Checkpointer:
         if self.async_save:
             written = dcp.async_save(dict(components), storage_writer=writer, process_group=self.group,
                                      async_stager=self._staging())
-            self._pending = (self._background().submit(self._checksum_when_written, written, tmp), *job)
+            self._pending = (self._background().submit(self._after_write, written, job), *job)
         else:
             dcp.save(dict(components), storage_writer=writer, process_group=self.group)
             self._complete(self._own_files(tmp), *job)
@@ -225,9 +226,16 @@ class Checkpointer:
         return {f.name: {"size": f.stat().st_size, "checksum": file_checksum(f)}
                 for f in sorted(tmp.glob(f"__{self.rank}_*")) if f.is_file()}
 
-    def _checksum_when_written(self, written, tmp: Path) -> dict[str, dict]:
+    def _after_write(self, written, job: tuple) -> Optional[dict[str, dict]]:
+        """In the background, once DCP has written: hash this rank's files. A single process has no
+        ranks to agree with, so it also publishes the checkpoint from here; ranks hand their
+        hashes to `_complete` at the next step boundary."""
         written.result()
-        return self._own_files(tmp)
+        files = self._own_files(job[0])
+        if self.distributed:
+            return files
+        self._complete(files, *job)
+        return None
 
     def _background(self) -> ThreadPoolExecutor:
         if self._executor is None:
@@ -279,7 +287,9 @@ class Checkpointer:
             return None
         future, *job = self._pending
         self._pending = None
-        self._complete(future.result(), *job)
+        files = future.result()
+        if self.distributed:
+            self._complete(files, *job)
         return job[1]
 
     def _finalize(self, tmp: Path, final: Path, step: int, keys: list, counters: dict,
