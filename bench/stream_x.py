@@ -412,6 +412,8 @@ def minutes(results):
 # steps (0.05 of its 500k-step runs); the goal's window, steps 100k-150k, ends this run.
 Q_CARTPOLE = {"max_episode_steps": 10_000, "time_feature": True}
 Q_EPSILON_STEPS = 25_000
+# The paper's MuJoCo setting: time in the observation, so the 1,000-step limit ends an episode.
+AC_HOPPER = {"time_feature": True}
 
 # Every stream-x trick off: SGD on the same traces, PyTorch's init, no LayerNorm, raw inputs.
 PLAIN = {"optimizer": "sgd", "init": "default", "layer_norm": False, "normalize_obs": False,
@@ -425,7 +427,7 @@ def learning(args):
         q_opts = {**Q_CARTPOLE, "exploration_fraction": min(1.0, Q_EPSILON_STEPS / args.q_steps)}
         jobs += [("stream_q", "q", "CartPole-v1", s, args.q_steps, q_opts, str(out)) for s in range(args.seeds)]
     if args.only in ("", "ac"):
-        jobs += [("stream_ac", "ac", "Hopper-v5", s, args.ac_steps, {}, str(out)) for s in range(args.seeds)]
+        jobs += [("stream_ac", "ac", "Hopper-v5", s, args.ac_steps, AC_HOPPER, str(out)) for s in range(args.seeds)]
     if args.only == "barrier":
         for lr in args.plain_lr:
             jobs += [(f"plain_q_lr{lr:g}", "q", "CartPole-v1", s, args.barrier_steps, {**PLAIN, "lr": lr}, str(out))

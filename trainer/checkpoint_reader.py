@@ -21,17 +21,16 @@ import os
 import struct
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-
 from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 import xxhash
+from torch import _weights_only_unpickler
+from torch.distributed._shard._utils import narrow_tensor_by_index  # what DCP itself uses
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
-from torch.distributed._shard._utils import narrow_tensor_by_index  # what DCP itself uses
-from torch import _weights_only_unpickler
 from torch.futures import Future
 
 # The mapped files are read-only and only ever copied from.
