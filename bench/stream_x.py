@@ -251,7 +251,9 @@ def plait_loop(algo, env_id, seed, total_steps):
     from trainer.config import validate
 
     torch.manual_seed(seed)
-    cfg = validate({"task": {"_target_": "streaming_rl.run.run", "name": f"stream_{algo}", "agent": algo},
+    # no time feature: the reference's networks see the raw observation size
+    cfg = validate({"task": {"_target_": "streaming_rl.run.run", "name": f"stream_{algo}", "agent": algo,
+                             "time_feature": False},
                     "env": env_id, "seed": seed, "trainer": {"total_steps": total_steps}})
     loop, _ = build_loop(cfg, task_config(cfg))
     return loop
@@ -417,7 +419,7 @@ AC_HOPPER = {"time_feature": True}
 
 # Every stream-x trick off: SGD on the same traces, PyTorch's init, no LayerNorm, raw inputs.
 PLAIN = {"optimizer": "sgd", "init": "default", "layer_norm": False, "normalize_obs": False,
-         "scale_rewards": False}
+         "scale_rewards": False, "time_feature": False}
 
 
 def learning(args):
@@ -432,7 +434,8 @@ def learning(args):
         for lr in args.plain_lr:
             jobs += [(f"plain_q_lr{lr:g}", "q", "CartPole-v1", s, args.barrier_steps, {**PLAIN, "lr": lr}, str(out))
                      for s in range(args.seeds)]
-        jobs += [("stream_q", "q", "CartPole-v1", s, args.barrier_steps, {}, str(out)) for s in range(args.seeds)]
+        jobs += [("stream_q", "q", "CartPole-v1", s, args.barrier_steps, {"time_feature": False}, str(out))
+                 for s in range(args.seeds)]
     if args.replot:
         results = [stored_run(job) for job in jobs]
     else:

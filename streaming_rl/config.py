@@ -48,7 +48,9 @@ class StreamConfig:
     # observations and rewards
     normalize_obs: bool = True  # Welford running mean / variance
     scale_rewards: bool = True  # by the running std of the discounted return trace
-    time_feature: bool = False  # append t/T − 0.5 (T: the episode time limit)
+    # append t/T − 0.5 (T: the time limit), which then ends episodes for the learner too;
+    # None: on for flat observations with a time limit (the paper's setting), else off
+    time_feature: Optional[bool] = None
     max_episode_steps: int = 0  # 0 = the environment's own time limit
     # ε-greedy exploration (q, sarsa): linear start → end over exploration_fraction × total steps
     epsilon_start: float = 1.0

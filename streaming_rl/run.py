@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 import time
 from collections import deque
+from typing import Optional
 
 import torch
 
@@ -38,11 +39,7 @@ def build_loop(cfg: PlaitConfig, c: StreamConfig) -> tuple[StreamLoop, int]:
         raise ConfigError(f"env={env.spec.id} has observations {space}; stream-x networks take flat vectors "
                           "or (H, W, C) frames")
     limit = env.spec.max_episode_steps if env.spec is not None else None
-    if c.time_feature and not limit:
-        raise ConfigError(f"task.time_feature=true but {env.spec.id} has no time limit; "
-                          "set task.max_episode_steps")
-    observe = ObservationPipeline(env.observation_space.shape, c.normalize_obs,
-                                  limit if c.time_feature else None)
+    observe = ObservationPipeline(space.shape, c.normalize_obs, limit if use_time_feature(c, env, limit) else None)
     spec = AgentSpec(cfg=c, obs_shape=observe.shape, action_space=env.action_space,
                      hidden_size=hidden_size(c, fam), total_steps=steps,
                      exploration_fraction=exploration_fraction(c, fam))
@@ -51,6 +48,19 @@ def build_loop(cfg: PlaitConfig, c: StreamConfig) -> tuple[StreamLoop, int]:
                           f"{env.action_space}; use task=stream_ac for continuous actions")
     agent = build_agent(c.agent, spec)
     return StreamLoop(env, agent, observe, RewardScaler(c.gamma, c.scale_rewards), cfg.seed), steps
+
+
+def use_time_feature(c: StreamConfig, env, limit: Optional[int]) -> bool:
+    """`task.time_feature`, or when it is null: on for flat observations under a time limit."""
+    flat = len(env.observation_space.shape) == 1
+    if c.time_feature is None:
+        return flat and bool(limit)
+    if c.time_feature and not limit:
+        raise ConfigError(f"task.time_feature=true but {env.spec.id} has no time limit; set task.max_episode_steps")
+    if c.time_feature and not flat:
+        raise ConfigError(f"task.time_feature=true but {env.spec.id} has observations of shape "
+                          f"{env.observation_space.shape}; the time feature needs flat vectors")
+    return c.time_feature
 
 
 def _refuse(message: str, is_main: bool):

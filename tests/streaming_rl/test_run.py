@@ -104,7 +104,7 @@ def test_resume_mid_episode_is_exact(tmp_path, monkeypatch, agent, env, steps, c
         run(config(cut_dir, agent, env, steps))
     saved = Checkpointer(str(cut_dir / "checkpoints")).latest()
     assert saved.name == f"step_{cut:09d}"
-    episode = EpisodeState(obs=torch.zeros(4 if env == "CartPole-v1" else 11))
+    episode = EpisodeState(obs=torch.zeros(5 if env == "CartPole-v1" else 12))  # + the time feature
     Checkpointer(str(cut_dir / "checkpoints")).load(saved, {"episode": episode})
     assert episode.length > 0  # stopped mid-episode
 
@@ -218,3 +218,21 @@ def test_envs_of_other_families_resume_at_a_fresh_episode(tmp_path, capsys):
     with pytest.raises(SystemExit):
         run(config(tmp_path / "b", "q", "FrozenLake-v1", 10))
     assert "stream-x networks take flat vectors" in capsys.readouterr().err
+
+
+def test_time_feature_is_on_by_default_for_flat_observations_under_a_time_limit():
+    from types import SimpleNamespace
+
+    from streaming_rl.config import StreamConfig
+    from streaming_rl.run import use_time_feature
+    from trainer.config import ConfigError
+
+    flat = gym.make("CartPole-v1")
+    frames = SimpleNamespace(observation_space=gym.spaces.Box(0, 1, (10, 10, 4)), spec=SimpleNamespace(id="frames"))
+    auto, on, off = StreamConfig(), StreamConfig(time_feature=True), StreamConfig(time_feature=False)
+    assert use_time_feature(auto, flat, 500) and not use_time_feature(off, flat, 500)
+    assert not use_time_feature(auto, flat, None) and not use_time_feature(auto, frames, 1000)
+    with pytest.raises(ConfigError, match="no time limit"):
+        use_time_feature(on, flat, None)
+    with pytest.raises(ConfigError, match="needs flat vectors"):
+        use_time_feature(on, frames, 1000)
