@@ -56,10 +56,16 @@ def buffer_checksum(data) -> str:
 
 
 def map_file(path: Path) -> memoryview:
-    """A read-only mapping of a file's bytes (empty files give an empty view)."""
+    """A read-only mapping of a file's bytes (empty files give an empty view; a file system that
+    cannot map files gets the bytes read into memory instead)."""
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
-        return memoryview(mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ)) if size else memoryview(b"")
+        if not size:
+            return memoryview(b"")
+        try:
+            return memoryview(mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ))
+        except (OSError, ValueError):
+            return memoryview(f.read())
 
 
 def file_checksum(path: Path) -> str:

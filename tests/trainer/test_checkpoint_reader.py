@@ -102,3 +102,16 @@ def test_archives_it_does_not_recognise_are_read_by_torch_load(tmp_path, monkeyp
     target = {k: torch.zeros_like(v) for k, v in saved.items()}
     Checkpointer(tmp_path).load(path, {"t": Tensors(target)})
     assert all(torch.equal(target[k], v) for k, v in saved.items())
+
+
+def test_files_that_cannot_be_mapped_are_read_instead(tmp_path, monkeypatch):
+    saved = varied()
+    path = Checkpointer(tmp_path).save(1, {"t": Tensors({k: v.clone() for k, v in saved.items()})})
+
+    def no_mmap(*args, **kwargs):
+        raise OSError(19, "No such device")  # what mmap says on file systems without it
+
+    monkeypatch.setattr(reader_mod.mmap, "mmap", no_mmap)
+    target = {k: torch.zeros_like(v) for k, v in saved.items()}
+    Checkpointer(tmp_path).load(path, {"t": Tensors(target)})
+    assert all(torch.equal(target[k], v) for k, v in saved.items())
