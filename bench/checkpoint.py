@@ -116,9 +116,9 @@ def loop_time(model, opt, ck: Checkpointer, mode: str, steps: int, step0: int) -
 def hidden_fraction(model, opt, directory: Path, steps: int, group=None, rounds: int = 3) -> dict:
     """What a save costs the loop: the time the loop is blocked in save/poll/wait, and how much
     slower its training steps ran than the same steps of the no-save loop; medians over rounds
-    that run the three modes back to back. Each mode keeps one Checkpointer,
-    as a run does, and everything runs once untimed first: what is measured is a run's steady
-    state, not its first save's one-off set-up."""
+    that run the three modes back to back. Each mode keeps one Checkpointer, as a run does, and
+    everything runs once untimed first: what is measured is a run's steady state, not its first
+    save's one-off set-up."""
     if not dist.is_initialized() or dist.get_rank() == 0:
         shutil.rmtree(directory, ignore_errors=True)
     if dist.is_initialized():

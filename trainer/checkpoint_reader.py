@@ -22,7 +22,7 @@ import struct
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -101,11 +101,14 @@ def zip_records(buf: memoryview) -> Optional[dict[str, tuple[int, int]]]:
     return out
 
 
-class _Layout:
+class _Layout(NamedTuple):
     """What a `torch.save`d tensor's pickle says: storage record key, dtype, offset, size, stride."""
 
-    def __init__(self, key: str, dtype: torch.dtype, offset: int, size: tuple, stride: tuple):
-        self.key, self.dtype, self.offset, self.size, self.stride = key, dtype, offset, size, stride
+    key: str
+    dtype: torch.dtype
+    offset: int
+    size: tuple
+    stride: tuple
 
 
 def _unpickle_layout(pickle_bytes: bytes) -> Optional[_Layout]:
@@ -229,9 +232,8 @@ class VerifiedReader(FileSystemReader):
         itemsize = torch._utils._element_size(layout.dtype)
         if nbytes % itemsize:
             return None
-        needed = layout.offset + sum((s - 1) * st for s, st in zip(layout.size, layout.stride)) + 1
-        if any(s == 0 for s in layout.size):
-            needed = 0
+        empty = 0 in layout.size
+        needed = 0 if empty else layout.offset + sum((s - 1) * st for s, st in zip(layout.size, layout.stride)) + 1
         if needed * itemsize > nbytes:
             return None
         flat = torch.frombuffer(data, dtype=torch.uint8, count=nbytes, offset=start) if nbytes else torch.empty(0, dtype=torch.uint8)

@@ -25,6 +25,13 @@ def _model():
     return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
 
 
+def _load(model, arrays):
+    """Set the reference model's weights to the closed-form arrays."""
+    with torch.no_grad():
+        for p, w in zip(model.parameters(), arrays):
+            p.copy_(torch.from_numpy(w))
+
+
 def _grads(model, x):
     model.zero_grad()
     for p in model.parameters():
@@ -58,9 +65,7 @@ def test_obgd_matches_the_formula_per_parameter(bound):
         reset = t == 3
         opt.step(delta, reset=reset)
         ws, zs = _numpy_obgd(ws, zs, gs, delta, 1.0, 0.9, 0.8, 2.0, reset, bound)
-        with torch.no_grad():
-            for p, w in zip(ref.parameters(), ws):
-                p.copy_(torch.from_numpy(w))
+        _load(ref, ws)
         for p, w, z in zip(model.parameters(), ws, zs):
             np.testing.assert_allclose(p.detach().numpy(), w, rtol=1e-5, atol=1e-6)
             np.testing.assert_allclose(opt.state[p][TRACE].numpy(), z, rtol=1e-5, atol=1e-6)
@@ -106,9 +111,7 @@ def test_adaptive_obgd_matches_the_formula():
         m = lr * kappa * max(abs(delta), 1) * sum(np.abs(u).sum() for u in us)
         step = lr / m if m > 1 else lr
         ws = [w - step * delta * u for w, u in zip(ws, us)]
-        with torch.no_grad():
-            for p, w in zip(ref.parameters(), ws):
-                p.copy_(torch.from_numpy(w))
+        _load(ref, ws)
         for p, w, v in zip(model.parameters(), ws, vs):
             np.testing.assert_allclose(p.detach().numpy(), w, rtol=2e-4, atol=1e-5)
             np.testing.assert_allclose(opt.state[p][SECOND_MOMENT].numpy(), v, rtol=2e-4, atol=1e-9)

@@ -5,26 +5,11 @@ import io
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.stateful import Stateful
 
 import trainer.checkpoint_reader as reader_mod
 from trainer.checkpoint import Checkpointer, CheckpointError
 from trainer.checkpoint_reader import zip_records
-
-
-class Tensors(Stateful):
-    """A component that is just a dict of tensors (filled in place on load)."""
-
-    def __init__(self, tensors: dict):
-        self.tensors = tensors
-
-    def state_dict(self) -> dict:
-        return self.tensors
-
-    def load_state_dict(self, state: dict) -> None:
-        for k, v in state.items():
-            if self.tensors[k] is not v:
-                self.tensors[k].copy_(v)
+from trainer.ckpt_cli import TensorDict as Tensors
 
 
 def varied() -> dict[str, torch.Tensor]:
