@@ -38,6 +38,10 @@ FINISHED_STATES = {
     "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
     "BOOT_FAIL", "DEADLINE", "SPECIAL_EXIT", "REVOKED",
 }
+# submitit asks Slurm for SIGUSR2 this long before the time limit (preemption.py saves on it), but
+# Slurm may send it up to 60 s early ("resolution of event handling", sbatch(1) --signal): under a
+# 2-minute limit a 90 s warning can arrive while Python is still starting and kill the task.
+SIGNAL_DELAY_S, SIGNAL_SLACK_S = 90, 60
 RESULT_GRACE_S = 15.0  # after Slurm says the job ended, how long result files may lag (shared FS)
 
 
@@ -235,6 +239,12 @@ def tasks_per_node(launcher: LauncherConfig, world_size: int) -> int:
     return world_size // nodes
 
 
+def signal_delay_s(timeout_min: int) -> int:
+    """Seconds of warning before the time limit: 90, shortened under short limits so that even
+    60 s early the signal comes no sooner than 30 s into the job."""
+    return max(1, min(SIGNAL_DELAY_S, timeout_min * 60 - SIGNAL_SLACK_S - 30))
+
+
 def sbatch_parameters(launcher: LauncherConfig, job_name: str, world_size: int) -> dict[str, Any]:
     """submitit.SlurmExecutor parameters (sbatch's own names) for this launcher config."""
     # a false or null value leaves the option out (`exclusive: false`); true is a bare flag
@@ -252,6 +262,7 @@ def sbatch_parameters(launcher: LauncherConfig, job_name: str, world_size: int) 
         "ntasks_per_node": tasks_per_node(launcher, world_size),
         "cpus_per_task": launcher.cpus_per_task,
         "time": launcher.timeout_min,
+        "signal_delay_s": signal_delay_s(launcher.timeout_min),
         "srun_args": list(SRUN_ARGS),
     }
     optional = {

@@ -163,6 +163,13 @@ def test_sbatch_script_has_the_options(tmp_path):
         _launcher(nodes=2, gpus_per_node=2), str(tmp_path), "x", 4)
 
 
+def test_short_time_limits_get_a_warning_that_cannot_land_at_start(tmp_path):
+    # Slurm may send the warning up to 60 s early; it must still come >= 30 s after the start
+    assert [slurm.signal_delay_s(m) for m in (1, 2, 3, 60)] == [1, 30, 90, 90]
+    assert "#SBATCH --signal=USR2@30" in slurm.sbatch_script(
+        _launcher(nodes=1, timeout_min=2), str(tmp_path), "x", 1).splitlines()
+
+
 def test_sbatch_script_is_what_submitit_submits(tmp_path, monkeypatch):
     # pins the private `_make_sbatch_string` that the dry run uses to the executor's own text
     import submitit
@@ -236,7 +243,7 @@ def test_two_node_gloo_allreduce(tmp_path, cancel_jobs):
 @pytest.mark.timeout(90)
 def test_failing_rank_surfaces_its_traceback(tmp_path, cancel_jobs):
     start = time.monotonic()
-    job = slurm.submit(_launcher(nodes=2, timeout_min=2), fail_on_rank_1,
+    job = slurm.submit(_launcher(nodes=2), fail_on_rank_1,
                        ("plait-slurm-test deliberate failure",), str(tmp_path), "plait-fail", 2)
     cancel_jobs.append(job)
     with pytest.raises(slurm.SlurmJobFailed) as info:
@@ -255,7 +262,7 @@ def test_failing_rank_surfaces_its_traceback(tmp_path, cancel_jobs):
 @pytest.mark.timeout(90)
 def test_crashed_rank_is_reported_with_its_log(tmp_path, cancel_jobs, monkeypatch):
     monkeypatch.setattr(slurm, "RESULT_GRACE_S", 2.0)  # local disk: result files never lag
-    job = slurm.submit(_launcher(nodes=2, timeout_min=2), crash_on_rank_1, (), str(tmp_path),
+    job = slurm.submit(_launcher(nodes=2), crash_on_rank_1, (), str(tmp_path),
                        "plait-crash", 2)
     cancel_jobs.append(job)
     with pytest.raises(slurm.SlurmJobFailed) as info:
