@@ -27,7 +27,9 @@ demo: setup
 	rm -rf runs/demo
 	WANDB_MODE=offline $(VENV)/bin/plait name=demo logger=wandb $(DEMO_ARGS)
 
+# The tests also cover MinAtar, a GPL-licensed extra that `setup` leaves out.
 test: setup
+	$(PY) -c "import minatar" 2>/dev/null || $(PY) -m pip install -q -c $(VENV)/torch-constraint.txt "minatar>=1.0.15"
 	bash .ci/slurm.sh
 	$(PY) -m pytest -q -x --timeout=900 tests
 
