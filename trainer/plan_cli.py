@@ -1,5 +1,5 @@
 """`plait-plan`: rank (tp, pp, dp) layouts of a model on N devices by estimated memory per device,
-pipeline bubble and a step-time proxy (parallel/planner.py), printed as a table or JSON.
+pipeline bubble and a step-time proxy (parallel/planner/), printed as a table or JSON.
 
 Layouts are checked with the same rules `plait` applies at start (trainer/config.py's
 `check_combinations`), so every layout printed is one `plait task=pretrain parallel.*=...` accepts.

@@ -1,4 +1,4 @@
-"""Layout planner (parallel/planner.py, trainer/plan_cli.py): formulas against hand counts and
+"""Layout planner (parallel/planner/, trainer/plan_cli.py): formulas against hand counts and
 against what autograd saves; the memory estimate against the measured peak of real training steps
 (single process and forked gloo ranks) within 20%; the ranking and the `plait-plan` CLI.
 

@@ -1,12 +1,7 @@
-"""Layout planner: memory per device and a step-time proxy of a (pp, dp_replicate, dp_shard, tp)
-layout by the analytical model of Megatron-LM (Narayanan et al. SC'21, §3) and of Korthikanti et al.
-2022 ("Reducing Activation Recomputation in Large Transformer Models", §4), with the activation
-counts re-derived from the Llama forward in trainer/models/llama.py.
-
-Pure arithmetic on plain arguments: `model` is anything with ModelConfig's fields (vocab_size, dim,
-n_layers, n_heads, n_kv_heads, ffn_dim, tie_embeddings); which layouts are valid is the caller's
-rule (`rank_layouts` takes a `problem` callable; the `plait-plan` CLI passes trainer/config.py's
-`check_combinations`), so the divisibility rules live in one place.
+"""Memory per device of a layout by the analytical model of Megatron-LM (Narayanan et al. SC'21,
+§3) and of Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer
+Models", §4), with the activation counts re-derived from the Llama forward in
+trainer/models/llama.py.
 
 State. Plait keeps parameters in fp32 under both precisions (bf16 runs compute on bf16 copies:
 FSDP2's gathered parameters, or autocast's casts), so a parameter costs 4 (weight) + 4 (fp32
@@ -44,99 +39,12 @@ allocator caching and fragmentation, the CUDA context and NCCL buffers are `Hard
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional
+from dataclasses import dataclass
+from typing import Optional
 
 from parallel.deepspeed_zero import zero_bucket_elements
-from parallel.mesh import ParallelDims
 from parallel.pipeline import layer_split, stage_ids
-
-GiB = 2**30
-SCHEDULES = ("1f1b", "gpipe", "interleaved_1f1b")
-AC_MODES = ("none", "selective", "full")
-
-
-@dataclass(frozen=True)
-class Layout(ParallelDims):
-    """One candidate: the mesh sizes (ParallelDims), the `parallel.*` choices, `trainer.grad_accum`."""
-
-    virtual_stages: int = 1
-    microbatches: int = 1
-    schedule: str = "1f1b"
-    sequence_parallel: bool = False
-    dp_backend: str = "fsdp"
-    zero_stage: int = 1  # dp_backend=deepspeed: ZeRO partitions optimizer state (1), + gradients (2), + parameters (3)
-    activation_checkpoint: str = "none"
-    grad_accum: int = 1
-
-    @property
-    def fsdp(self) -> bool:
-        return self.dp_backend == "fsdp" and self.dp > 1
-
-    @property
-    def zero(self) -> int:
-        """The DeepSpeed ZeRO stage in effect (0: not DeepSpeed, or one data-parallel rank)."""
-        return self.zero_stage if self.dp_backend == "deepspeed" and self.dp > 1 else 0
-
-    def describe(self) -> str:
-        parts = [f"tp={self.tp}", f"pp={self.pp}"]
-        if self.pp > 1:
-            parts.append(self.schedule + (f" v={self.virtual_stages}" if self.virtual_stages > 1 else ""))
-            parts.append(f"m={self.microbatches}")
-        if self.dp_replicate > 1:
-            parts.append(f"dp_replicate={self.dp_replicate}")
-        backend = {"fsdp": "dp_shard", "ddp": "ddp", "deepspeed": f"zero{self.zero_stage}"}[self.dp_backend]
-        parts.append(f"{backend}={self.dp_shard if self.dp_backend == 'fsdp' else self.dp}")
-        if self.grad_accum > 1:
-            parts.append(f"accum={self.grad_accum}")
-        if self.sequence_parallel:
-            parts.append("sp")
-        parts.append(f"ac={self.activation_checkpoint}")
-        return " ".join(parts)
-
-
-@dataclass(frozen=True)
-class Hardware:
-    """What the step-time proxy and the fit test assume about a device and its links."""
-
-    gpus_per_node: int = 8
-    memory_bytes: float = 80 * GiB
-    peak_flops: float = 989e12  # dense bf16 per device (H100 SXM); fp32 runs count half
-    flops_efficiency: float = 0.5  # fraction of peak a transformer step reaches (MFU ~ 40-55%)
-    intra_node_bw: float = 300e9  # bytes/s of collective bandwidth per device inside a node (NVLink)
-    inter_node_bw: float = 45e9  # bytes/s per device across nodes (one 400 Gb/s NIC per GPU)
-    headroom: float = 0.1  # kept free: allocator fragmentation, CUDA context, NCCL buffers
-    optimizer_foreach: bool = True  # torch's AdamW on GPU (foreach: one parameter-sized temporary)
-
-
-@dataclass(frozen=True)
-class Dtypes:
-    """Bytes per element of what one layer keeps, as Plait's precision policy makes them."""
-
-    residual: int  # the residual stream between blocks (RMSNorm itself saves fp32, upcasting if need be)
-    compute: int  # matmul inputs/outputs, attention, SwiGLU
-    attn_copies: int  # copies of the attention norm's output kept by wq/wk/wv
-    ffn_copies: int  # copies of the MLP norm's output kept by w1/w3
-    weight_copy: int  # bytes per matrix parameter of low-precision copies held through backward
-    unsharded: int  # bytes per parameter of FSDP's gathered (unsharded) parameters
-
-
-def dtypes(precision: str, fsdp: bool) -> Dtypes:
-    """fp32: everything 4 bytes. bf16: FSDP2 casts parameters to bf16 (all activations bf16);
-    without FSDP the loop runs under torch.autocast (fp32 residual and norms, bf16 matmuls, one
-    cast of a norm's output per matmul, bf16 weight copies kept for backward)."""
-    if precision == "fp32":
-        return Dtypes(4, 4, 1, 1, 0, 4)
-    if precision != "bf16":
-        raise ValueError(f"precision {precision!r}; allowed: fp32, bf16")
-    if fsdp:
-        return Dtypes(2, 2, 1, 1, 0, 2)
-    return Dtypes(4, 2, 3, 2, 2, 2)
-
-
-FP32 = dtypes("fp32", False)
-
+from parallel.planner.layout import AC_MODES, FP32, SCHEDULES, Dtypes, Hardware, Layout, Workload, dtypes
 
 # --- parameters ------------------------------------------------------------------------------
 
@@ -297,17 +205,7 @@ def bubble_fraction(schedule: str, pp: int, virtual_stages: int, microbatches: i
     v = virtual_stages if schedule == "interleaved_1f1b" else 1
     return (pp - 1) / (v * microbatches)
 
-
 # --- one device's memory -----------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Workload:
-    """What one optimizer step processes: sequences of `seq_len` tokens, `batch_size` of them
-    over all data-parallel ranks, in `precision` (fp32 | bf16)."""
-
-    seq_len: int
-    batch_size: int
-    precision: str = "bf16"
 
 
 @dataclass
@@ -435,173 +333,3 @@ def memory_per_device(model, layout: Layout, work: Workload, hw: Hardware = Hard
                           peak=params + optim + g + a + other, phase=phase, pp_rank=pp_rank,
                           microbatch_size=b, in_flight=in_flight)
 
-
-# --- step time -----------------------------------------------------------------------------------
-
-@dataclass
-class StepTime:
-    """Seconds per optimizer step on one device, by cause (a proxy for ranking, not a prediction)."""
-
-    compute: float  # model FLOPs (+ recomputation) at hw.flops_efficiency of peak
-    bubble: float  # pipeline idle time: compute x bubble fraction
-    tp_comm: float  # tensor-parallel all-reduces (or reduce-scatter + all-gather), not overlapped
-    pp_comm: float  # activations and gradients sent between stages
-    dp_comm: float  # data-parallel gathers and reductions left over after overlapping with compute
-    total: float
-
-
-def group_bandwidth(size: int, stride: int, hw: Hardware) -> float:
-    """A mesh group of `size` ranks `stride` apart (Plait's order: pp, dp_replicate, dp_shard, tp;
-    tp innermost) stays inside a node iff size·stride <= gpus_per_node."""
-    return hw.intra_node_bw if size * stride <= hw.gpus_per_node else hw.inter_node_bw
-
-
-def ring_seconds(nbytes: float, group: int, bandwidth: float, kind: str = "all_reduce") -> float:
-    """Ring collective time: all-reduce 2(g-1)/g · bytes/bw; reduce-scatter and all-gather (g-1)/g."""
-    if group <= 1:
-        return 0.0
-    factor = 2 if kind == "all_reduce" else 1
-    return factor * (group - 1) / group * nbytes / bandwidth
-
-
-def recompute_flops_per_token(model, seq_len: int, ac: str) -> float:
-    """Extra forward FLOPs per token: full 2·N_blocks + 4·L·h·s (one more forward of every block);
-    selective 4·L·h·s (the attention core only); none 0."""
-    if ac == "none":
-        return 0.0
-    attention = 4 * model.n_layers * model.dim * seq_len
-    if ac == "selective":
-        return attention
-    matrix, norms = block_params(model)
-    return 2 * model.n_layers * (matrix + norms) + attention
-
-
-def step_time(model, layout: Layout, work: Workload, hw: Hardware, flops_per_token: float) -> StepTime:
-    """compute · (1 + bubble) + TP + PP communication + the DP communication compute does not hide;
-    `flops_per_token` is the model's training FLOPs per token (6N + 12·L·h·s for Llama)."""
-    lay, s = layout, work.seq_len
-    tokens = work.batch_size * s
-    peak = hw.peak_flops * hw.flops_efficiency * (0.5 if work.precision == "fp32" else 1.0)
-    flops = tokens * (flops_per_token + recompute_flops_per_token(model, s, lay.activation_checkpoint))
-    compute = flops / (lay.world_size * peak)
-    bubble = compute * bubble_fraction(lay.schedule, lay.pp, lay.virtual_stages, lay.microbatches)
-
-    dt = dtypes(work.precision, lay.fsdp)
-    b = microbatch_size(lay, work.batch_size)
-    passes = lay.microbatches * lay.grad_accum  # microbatches per step through this device
-    layers = model.n_layers / lay.pp
-    hidden = dt.compute * s * b * model.dim  # one microbatch's activations between blocks
-    # per block: 2 collectives forward, 2 backward, 2 more when full recomputation replays forward
-    n_coll = 4 + (2 if lay.activation_checkpoint == "full" else 0)
-    tp_bw = group_bandwidth(lay.tp, 1, hw)
-    tp = passes * layers * n_coll * ring_seconds(hidden, lay.tp, tp_bw)
-    pp_bw = group_bandwidth(lay.pp, lay.dp * lay.tp, hw)
-    sent = hidden / (lay.tp if lay.sequence_parallel and lay.tp > 1 else 1)
-    pp = 0.0 if lay.pp == 1 else 2 * passes * lay.virtual_stages * sent / pp_bw
-
-    st = stage_params(model, lay.pp, lay.tp, lay.virtual_stages, 0)
-    shard_bw = group_bandwidth(lay.dp_shard, lay.tp, hw)
-    rep_bw = group_bandwidth(lay.dp_replicate, lay.dp_shard * lay.tp, hw)
-    if lay.zero == 3 or lay.fsdp:
-        # gather forward and again in backward (per micro-step, once per step under a pipeline),
-        # reduce-scatter fp32 gradients; HSDP all-reduces the shards across replicas
-        gathers = 2 * (1 if lay.pp > 1 else lay.grad_accum)
-        u = 4 if lay.zero else dt.unsharded
-        dp = gathers * ring_seconds(u * st.total, lay.dp_shard, shard_bw, "all_gather") \
-            + ring_seconds(4 * st.total, lay.dp_shard, shard_bw, "reduce_scatter") \
-            + ring_seconds(4 * st.total / lay.dp_shard, lay.dp_replicate, rep_bw)
-    else:
-        dp = ring_seconds(4 * st.total, lay.dp, group_bandwidth(lay.dp, lay.tp, hw))
-    exposed = max(0.0, dp - compute)
-    return StepTime(compute=compute, bubble=bubble, tp_comm=tp, pp_comm=pp, dp_comm=exposed,
-                    total=compute + bubble + tp + pp + exposed)
-
-
-# --- ranking ------------------------------------------------------------------------------------
-
-def divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
-def candidate_layouts(n_layers: int, devices: int, gpus_per_node: int, batch_size: int,
-                      microbatch_sizes: Iterable[int] = (1, 2, 4, 8)) -> Iterable[Layout]:
-    """Every (tp | gpus_per_node, pp, dp_replicate x dp_shard, data-parallel backend, schedule,
-    virtual stages splitting the layers evenly, microbatch size, sequence parallelism, recomputation)
-    for `devices`; pp = 1 accumulates gradients over the microbatches, pp > 1 pipelines them.
-    Unchecked: the caller's `problem` rejects what trainer/config.py would (DDP and DeepSpeed are
-    only proposed without tp, pp and dp_replicate, which Plait refuses, to keep the search small)."""
-    for tp in divisors(math.gcd(devices, gpus_per_node)):
-        for pp in divisors(devices // tp):
-            if pp > n_layers:
-                continue
-            dp = devices // (tp * pp)
-            if batch_size % dp:
-                continue
-            local = batch_size // dp
-            schedules = [("1f1b", 1)] if pp == 1 else \
-                [("1f1b", 1), ("gpipe", 1)] + [("interleaved_1f1b", v) for v in divisors(n_layers // pp)[1:]
-                                               if n_layers % (pp * v) == 0]
-            for dp_shard in divisors(dp):
-                backends = [("fsdp", 1)]
-                if dp_shard == dp > 1 and tp == pp == 1:
-                    backends += [("ddp", 1)] + [("deepspeed", z) for z in (1, 2, 3)]
-                for backend, zero in backends:
-                    for schedule, v in schedules:
-                        for b in microbatch_sizes:
-                            if local % b:
-                                continue
-                            m, accum = (1, local // b) if pp == 1 else (local // b, 1)
-                            for sp in (False, True) if tp > 1 else (False,):
-                                for ac in AC_MODES:
-                                    yield Layout(pp=pp, dp_replicate=dp // dp_shard, dp_shard=dp_shard, tp=tp,
-                                                 virtual_stages=v, microbatches=m, schedule=schedule,
-                                                 sequence_parallel=sp, dp_backend=backend, zero_stage=zero,
-                                                 activation_checkpoint=ac, grad_accum=accum)
-
-
-@dataclass
-class Plan:
-    """One ranked layout: its estimates and whether it fits."""
-
-    layout: Layout
-    memory: MemoryEstimate
-    time: StepTime
-    fits: bool
-    bubble: float
-    notes: list[str] = field(default_factory=list)
-
-
-def communication_notes(layout: Layout, hw: Hardware) -> list[str]:
-    """Which groups cross nodes (TP should not: Megatron-LM §3.3 keeps it on NVLink)."""
-    notes = []
-    if layout.tp > 1:
-        notes.append("tp in node" if layout.tp <= hw.gpus_per_node else "tp ACROSS NODES")
-    if layout.pp > 1 and group_bandwidth(layout.pp, layout.dp * layout.tp, hw) == hw.inter_node_bw:
-        notes.append("pp across nodes")
-    if layout.dp > 1:
-        inner = layout.dp_shard if layout.fsdp else layout.dp
-        where = "in node" if inner * layout.tp <= hw.gpus_per_node else "across nodes"
-        backend = {"fsdp": "fsdp", "ddp": "ddp", "deepspeed": f"zero{layout.zero_stage}"}[layout.dp_backend]
-        notes.append(f"{backend} {where}")
-    return notes
-
-
-def evaluate(model, layout: Layout, work: Workload, hw: Hardware, flops_per_token: float) -> Plan:
-    """Memory (the worst pipeline rank), step time, bubble and fit of one layout."""
-    memory = memory_per_device(model, layout, work, hw)
-    return Plan(layout=layout, memory=memory, time=step_time(model, layout, work, hw, flops_per_token),
-                fits=memory.peak <= hw.memory_bytes * (1 - hw.headroom),
-                bubble=bubble_fraction(layout.schedule, layout.pp, layout.virtual_stages, layout.microbatches),
-                notes=communication_notes(layout, hw))
-
-
-def rank_layouts(model, devices: int, work: Workload, hw: Hardware, flops_per_token: float,
-                 problem: Callable[[Layout], Optional[str]] = lambda layout: None,
-                 layouts: Optional[Iterable[Layout]] = None) -> list[Plan]:
-    """Valid layouts (`problem(layout)` is None), those that fit first, by step-time proxy then
-    peak memory; then those that do not, closest to fitting first. `problem` is where the config
-    rules come in (the CLI passes trainer/config.py's check_combinations)."""
-    if layouts is None:
-        layouts = candidate_layouts(model.n_layers, devices, hw.gpus_per_node, work.batch_size)
-    plans = [evaluate(model, lay, work, hw, flops_per_token) for lay in layouts if problem(lay) is None]
-    return sorted(plans, key=lambda p: (0, p.time.total, p.memory.peak) if p.fits else (1, p.memory.peak, 0))
