@@ -75,7 +75,7 @@ def init_distributed(cfg: PlaitConfig) -> DistEnv:
     """Read RANK/WORLD_SIZE/LOCAL_RANK (set by torchrun, accelerate, Plait's spawner or srun) and
     bring up the default process group: NCCL on GPUs, gloo on CPU."""
     if detect_launcher() == "srun":
-        from trainer.slurm import apply_slurm_env
+        from trainer.slurm_env import apply_slurm_env
 
         apply_slurm_env()
     world = int(os.environ.get("WORLD_SIZE", "1"))
