@@ -153,6 +153,7 @@ class Checkpointer:
         self._pending: Optional[tuple] = None  # (future, tmp, final, step, keys, counters, start)
         self._stager: Optional[DefaultStager] = None
         self._executor: Optional[ThreadPoolExecutor] = None
+        self._swept = False  # a crash's leftovers removed (at the first save)
 
     # ---- finding --------------------------------------------------------------------------
     def list(self) -> list[Path]:
@@ -202,8 +203,12 @@ class Checkpointer:
         tmp = self.dir / f".tmp-{final.name}"
         if self.rank == 0:
             self.dir.mkdir(parents=True, exist_ok=True)
-            for stale in [*self.dir.glob(".tmp-*"), *self.dir.glob(".trash-*")]:  # left by a crash
-                shutil.rmtree(stale, ignore_errors=True)
+            # A crash leaves .tmp-* and .trash-*; later .trash-* are this process's own, being
+            # deleted by the background thread, which the loop must not wait for (or race).
+            stale = [*self.dir.glob(".tmp-*"), *([] if self._swept else self.dir.glob(".trash-*"))]
+            for path in stale:
+                shutil.rmtree(path, ignore_errors=True)
+            self._swept = True
             tmp.mkdir()
         self._barrier()
         start = time.perf_counter()

@@ -70,6 +70,23 @@ def test_sigkill_at_any_moment_leaves_a_loadable_checkpoint(tmp_path):
             assert torch.equal(a, b)
 
 
+def test_a_crash_leftovers_go_at_the_first_save_and_old_checkpoints_in_the_background(tmp_path):
+    (tmp_path / ".tmp-step_000000009").mkdir(parents=True)  # a save killed mid-write
+    (tmp_path / ".trash-step_000000001-1").mkdir()  # a delete killed midway
+    ck = Checkpointer(tmp_path, keep_last=1)
+    ck.save(1, state(model_at(1), 1))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_000000001"]
+    # from now on a .trash-* is the background deleter's: a save neither waits for it nor races it
+    busy = tmp_path / ".trash-step_000000000-2"
+    busy.mkdir()
+    ck.save(2, state(model_at(2), 2))
+    assert busy.exists()
+    ck.close()  # the deleter finishes what it was given: step 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [busy.name, "latest", "step_000000002"]
+    Checkpointer(tmp_path).save(3, state(model_at(3), 3))  # the next run sweeps it
+    assert not busy.exists()
+
+
 @pytest.fixture
 def saved(tmp_path):
     ck = Checkpointer(tmp_path / "ckpt")
