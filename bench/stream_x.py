@@ -321,9 +321,21 @@ def learning_run(job):
     episodes = [(r["step"], r["episode/return"]) for r in rows if "episode/return" in r]
     if diverged:
         diverged = episodes[-1][0] if episodes else 0
-    summary = {"diverged_at": diverged, "seconds": time.perf_counter() - start}
+    summary = {"diverged_at": diverged, "seconds": time.perf_counter() - start,
+               "steps": steps, "options": extra}
     (run_dir / "bench_result.json").write_text(json.dumps(summary))
     return {"label": label, "seed": seed, "episodes": episodes, **summary}
+
+
+def finished(job) -> bool:
+    """This seed already ran to the end with these steps and options (a rerun with more seeds
+    adds only the missing ones)."""
+    label, algo, env_id, seed, steps, extra, out = job
+    result = Path(out) / f"{label}-{env_id}" / f"seed{seed}" / "bench_result.json"
+    if not result.exists():
+        return False
+    summary = json.loads(result.read_text())
+    return summary.get("steps") == steps and summary.get("options") == json.loads(json.dumps(extra))
 
 
 def stored_run(job):
@@ -436,11 +448,12 @@ def learning(args):
                      for s in range(args.seeds)]
         jobs += [("stream_q", "q", "CartPole-v1", s, args.barrier_steps, {"time_feature": False}, str(out))
                  for s in range(args.seeds)]
-    if args.replot:
-        results = [stored_run(job) for job in jobs]
-    else:
-        with mp.get_context("spawn").Pool(args.workers) as pool:
-            results = pool.map(learning_run, jobs, chunksize=1)
+    todo = [] if args.replot else [job for job in jobs if not finished(job)]
+    fresh = {}
+    if todo:
+        with mp.get_context("spawn").Pool(min(args.workers, len(todo))) as pool:
+            fresh = dict(zip(map(id, todo), pool.map(learning_run, todo, chunksize=1)))
+    results = [fresh[id(job)] if id(job) in fresh else stored_run(job) for job in jobs]
     by_label: dict = {}
     for r in results:
         by_label.setdefault(r["label"], []).append(r)
@@ -499,7 +512,8 @@ def main():
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--q-steps", type=int, default=150_000)
     ap.add_argument("--ac-steps", type=int, default=450_000)
-    ap.add_argument("--replot", action="store_true", help="figures from the runs already in --out")
+    ap.add_argument("--replot", action="store_true", help="figures from the runs already in --out "
+                    "(without it, seeds already finished there with the same steps and options are reused)")
     ap.add_argument("--barrier-steps", type=int, default=30_000)
     ap.add_argument("--plain-lr", type=float, nargs="+", default=[0.01, 0.001, 0.0001])
     ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
