@@ -291,6 +291,12 @@ def throughput(algo, env_id, steps, rounds, chunk=250, warmup=300):
 # (2) learning runs through the task runner
 # ---------------------------------------------------------------------------------------------
 
+def job_dir(job) -> Path:
+    """Where one seed of one configuration runs: <out>/<label>-<env>/seed<seed>."""
+    label, _, env_id, seed, _, _, out = job
+    return Path(out) / f"{label}-{env_id}" / f"seed{seed}"
+
+
 def learning_run(job):
     """One seed of one configuration through `streaming_rl.run.run`; returns its episodes
     (end step, return) and, if the learner blew up, where."""
@@ -300,7 +306,7 @@ def learning_run(job):
     from trainer.config import validate
     from trainer.launch import DistEnv, seed_everything
 
-    run_dir = Path(out) / f"{label}-{env_id}" / f"seed{seed}"
+    run_dir = job_dir(job)
     metrics = run_dir / "metrics.jsonl"
     if metrics.exists():
         metrics.unlink()
@@ -330,8 +336,8 @@ def learning_run(job):
 def finished(job) -> bool:
     """This seed already ran to the end with these steps and options (a rerun with more seeds
     adds only the missing ones)."""
-    label, algo, env_id, seed, steps, extra, out = job
-    result = Path(out) / f"{label}-{env_id}" / f"seed{seed}" / "bench_result.json"
+    steps, extra = job[4], job[5]
+    result = job_dir(job) / "bench_result.json"
     if not result.exists():
         return False
     summary = json.loads(result.read_text())
@@ -340,8 +346,7 @@ def finished(job) -> bool:
 
 def stored_run(job):
     """A finished learning run read back from its run directory (for --replot)."""
-    label, algo, env_id, seed, steps, extra, out = job
-    run_dir = Path(out) / f"{label}-{env_id}" / f"seed{seed}"
+    label, seed, run_dir = job[0], job[3], job_dir(job)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     summary = {"diverged_at": None, "seconds": float("nan")}
     if (run_dir / "bench_result.json").exists():
