@@ -35,7 +35,7 @@ from trainer.checkpoint import Checkpointer
 from trainer.config import ModelConfig, OptimConfig
 from trainer.models import build_model
 from trainer.optim import build_optimizer
-from trainer.state import ModelState, OptimizerState
+from trainer.checkpoint.state import ModelState, OptimizerState
 
 SIZES = {
     "llama_small": dict(vocab_size=8192, dim=512, n_layers=6, n_heads=8, n_kv_heads=4, ffn_dim=1408, max_seq_len=1024),

@@ -40,7 +40,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from trainer.config import validate
-from parallel.local_ranks import run_ranks
+from trainer.launch.forked import run_ranks
 
 
 def config(pp: int, dp_shard: int, tp: int, batch: int, seq: int, microbatches: int, layers: int = 4):
@@ -70,7 +70,7 @@ def plait_step(cfg):
     from trainer.models.loss import cross_entropy_loss
     from trainer.optim import build_optimizer, build_scheduler
     from trainer.pretrain import parallel_dims
-    from trainer.state import Progress
+    from trainer.checkpoint.state import Progress
 
     dims = parallel_dims(cfg)
     mesh = build_mesh(dims, "cpu")

@@ -44,7 +44,7 @@ from torch import nn
 from torch.distributed.pipelining import PipelineStage
 
 from parallel.pipeline import SCHEDULES, build_pipeline, schedule_problem, split_model, stage_ids
-from parallel.local_ranks import run_ranks
+from trainer.launch.forked import run_ranks
 
 LAYERS = 16  # enough for p=4 x v=4 chunks of one layer each
 DIM = 16

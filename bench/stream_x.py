@@ -304,7 +304,7 @@ def learning_run(job):
     torch.set_num_threads(1)
     from streaming_rl.run import run
     from trainer.config import validate
-    from trainer.launch import DistEnv, seed_everything
+    from trainer.launch.distributed import DistEnv, seed_everything
 
     run_dir = job_dir(job)
     metrics = run_dir / "metrics.jsonl"

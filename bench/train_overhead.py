@@ -24,7 +24,7 @@ from trainer.metrics import MetricLogger
 from trainer.models import build_model
 from trainer.models.loss import cross_entropy_loss
 from trainer.optim import build_optimizer, build_scheduler
-from trainer.state import Progress
+from trainer.checkpoint.state import Progress
 
 
 def plait_steps(cfg, batch, steps: int) -> float:

@@ -21,10 +21,11 @@ from streaming_rl.loop import Diverged, ObservationPipeline, StreamLoop
 from streaming_rl.normalize import RewardScaler
 from trainer.checkpoint import Checkpointer
 from trainer.config import ConfigError, PlaitConfig, as_dict
-from trainer.launch import EXIT_BAD_INPUT, DistEnv
+from trainer.errors import EXIT_BAD_INPUT
+from trainer.launch.distributed import DistEnv
 from trainer.metrics import MetricLogger
-from trainer.preemption import Preempted, PreemptionHandler
-from trainer.state import Progress, RNGState
+from trainer.launch.preemption import Preempted, PreemptionHandler
+from trainer.checkpoint.state import Progress, RNGState
 
 BAR_CHUNK = 1000  # progress-bar updates are batched: one per step would cost more than the step
 

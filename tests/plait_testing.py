@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from parallel.local_ranks import free_port, run_ranks  # noqa: F401  (shared by the tests)
+from trainer.launch.forked import free_port, run_ranks  # noqa: F401  (shared by the tests)
 
 
 TINY = [

@@ -11,9 +11,12 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 import configs
-from trainer.config import (ConfigError, PlaitConfig, as_dict, check_combinations, env_world_size,
+from trainer.config import (ConfigError, PlaitConfig, as_dict, check_combinations,
                             register_schema, to_schema)
-from trainer.launch import EXIT_BAD_INPUT, detect_launcher, run_rank, spawn_local
+from trainer.errors import EXIT_BAD_INPUT
+from trainer.launch.distributed import detect_launcher, launcher_world_size
+from trainer.launch.rank import run_rank
+from trainer.launch.spawn import spawn_local
 
 register_schema()
 CONFIG_DIR = str(Path(configs.__file__).parent)
@@ -51,7 +54,7 @@ def preflight(cfg: PlaitConfig) -> None:
 
 
 def submit_to_slurm(cfg: PlaitConfig, cfg_dict: dict, world: int) -> None:
-    from trainer.slurm import SlurmError, SlurmJobFailed, sbatch_script, submit, wait_and_report
+    from trainer.launch.slurm import SlurmError, SlurmJobFailed, sbatch_script, submit, wait_and_report
 
     folder = str(Path(cfg.run_dir) / "slurm")
     try:
@@ -76,7 +79,7 @@ def submit_to_slurm(cfg: PlaitConfig, cfg_dict: dict, world: int) -> None:
 def launch(raw: DictConfig) -> None:
     try:
         cfg = to_schema(raw)
-        world = check_combinations(cfg, env_world_size())
+        world = check_combinations(cfg, launcher_world_size())
     except ConfigError as err:
         fail(f"bad config: {err}")
     cfg_dict = as_dict(cfg)

@@ -16,9 +16,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-
-class ConfigError(ValueError):
-    """A config value is wrong; the message names the key, the value and what is allowed."""
+from trainer.errors import ConfigError
 
 
 def choice(default: Any, *allowed: Any):
@@ -186,16 +184,6 @@ def _positive(cfg: PlaitConfig, *keys: str, allow_zero: bool = False) -> None:
         if value < 0 or (value == 0 and not allow_zero):
             bound = ">= 0" if allow_zero else ">= 1"
             raise ConfigError(f"{key}={value} must be {bound}")
-
-
-def env_world_size() -> Optional[int]:
-    """World size a launcher (torchrun, accelerate, srun) has already fixed, if any."""
-    for var in ("WORLD_SIZE", "SLURM_NTASKS"):
-        if os.environ.get(var):
-            if var == "SLURM_NTASKS" and not (os.environ.get("SLURM_PROCID") and os.environ.get("SLURM_STEP_ID")):
-                continue  # inside an sbatch script but not an srun task: not a rank yet
-            return int(os.environ[var])
-    return None
 
 
 def resolve_parallel(p: ParallelConfig, world_size: Optional[int]) -> int:
@@ -400,7 +388,9 @@ def validate(cfg: DictConfig | dict, world_size: Optional[int] = None) -> PlaitC
     """Schema + cross-field checks; `world_size` is the launcher's if one is present."""
     typed = to_schema(cfg)
     if world_size is None:
-        world_size = env_world_size()
+        from trainer.launch.distributed import launcher_world_size
+
+        world_size = launcher_world_size()
     check_combinations(typed, world_size)
     return typed
 

@@ -18,8 +18,8 @@ from parallel.tensor import plain_tensor
 from trainer.checkpoint import Checkpointer
 from trainer.config import PlaitConfig
 from trainer.metrics import MetricLogger, memory_gib
-from trainer.preemption import Preempted, PreemptionHandler
-from trainer.state import Progress
+from trainer.launch.preemption import Preempted, PreemptionHandler
+from trainer.checkpoint.state import Progress
 
 
 @dataclass

@@ -23,7 +23,7 @@ import configs
 from parallel.planner import GiB, Hardware, Layout, Plan, Workload, candidate_layouts, rank_layouts, total_params
 from trainer.config import (ConfigError, DataConfig, ModelConfig, ParallelConfig, PlaitConfig, TrainerConfig,
                             check_combinations)
-from trainer.launch import EXIT_BAD_INPUT
+from trainer.errors import EXIT_BAD_INPUT
 
 MODEL_DIR = Path(configs.__file__).parent / "model"
 

@@ -17,15 +17,15 @@ from parallel.tensor import FullLogits, tp_loss_context
 from trainer.checkpoint import Checkpointer, stored_keys
 from trainer.config import PlaitConfig, as_dict
 from trainer.data import build_data
-from trainer.launch import DistEnv
+from trainer.launch.distributed import DistEnv
 from trainer.loop import LoopParts, TrainLoop
 from trainer.metrics import MetricLogger, peak_flops
 from trainer.models import build_model
 from trainer.models.llama import flops_per_token, generate, num_params
 from trainer.models.loss import cross_entropy_loss
 from trainer.optim import build_optimizer, build_scheduler
-from trainer.preemption import PreemptionHandler
-from trainer.state import ModelState, OptimizerState, Progress, RNGState
+from trainer.launch.preemption import PreemptionHandler
+from trainer.checkpoint.state import ModelState, OptimizerState, Progress, RNGState
 
 
 def parallel_dims(cfg: PlaitConfig) -> ParallelDims:

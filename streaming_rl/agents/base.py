@@ -13,7 +13,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 from streaming_rl.config import StreamConfig
 from streaming_rl.networks import initialize_
 from streaming_rl.obgd import AdaptiveObGD, ObGD
-from trainer.state import ModelState, OptimizerState
+from trainer.checkpoint.state import ModelState, OptimizerState
 
 
 @dataclass

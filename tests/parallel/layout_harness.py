@@ -21,7 +21,7 @@ from trainer.models import build_model
 from trainer.models.loss import cross_entropy_loss
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.pretrain import parallel_dims
-from trainer.state import ModelState, OptimizerState, Progress
+from trainer.checkpoint.state import ModelState, OptimizerState, Progress
 
 RTOL = 1e-5
 # 4 layers so pipelines have chunks to cut. Adam's first steps move each weight by ~lr * g/(|g|+eps):

@@ -16,7 +16,7 @@ from layout_harness import BASE, assert_same, build_loop, merge, reference, step
 from parallel.activation_checkpoint import unwrapped_fqn
 from trainer.checkpoint import Checkpointer, stored_keys
 from trainer.config import ConfigError
-from trainer.launch import run_rank
+from trainer.launch.rank import run_rank
 from trainer.optim import lr_factor
 
 ZERO = ("parallel.dp_shard=2", "parallel.dp_backend=deepspeed")

@@ -6,7 +6,7 @@ import pytest
 
 from layout_harness import check_layout
 from plait_testing import logged
-from trainer.launch import run_rank
+from trainer.launch.rank import run_rank
 
 
 @pytest.mark.parametrize("layout", [

@@ -8,7 +8,7 @@ import torch
 from layout_harness import BASE, build_loop, world_of
 from parallel.activation_checkpoint import unwrapped_fqn
 from trainer.checkpoint import Checkpointer
-from trainer.state import ModelState, OptimizerState
+from trainer.checkpoint.state import ModelState, OptimizerState
 
 
 def full_state(loop) -> dict:

@@ -7,7 +7,7 @@ from torch import nn
 
 from streaming_rl.obgd import SECOND_MOMENT, TRACE, AdaptiveObGD, ObGD, obgd_step_size
 from trainer.checkpoint import Checkpointer
-from trainer.state import ModelState, OptimizerState
+from trainer.checkpoint.state import ModelState, OptimizerState
 
 
 @pytest.mark.parametrize("alpha, kappa, delta, l1, expected", [

@@ -15,8 +15,8 @@ import streaming_rl.run as stream_run
 from streaming_rl.loop import EpisodeState
 from trainer.checkpoint import Checkpointer
 from trainer.config import validate
-from trainer.launch import DistEnv, seed_everything
-from trainer.preemption import Preempted
+from trainer.launch.distributed import DistEnv, seed_everything
+from trainer.launch.preemption import Preempted
 
 ONE = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
@@ -31,7 +31,7 @@ def config(run_dir, agent, env, steps, every=0, resume="none", **task):
 
 
 def run(cfg):
-    seed_everything(cfg.seed)  # what trainer.launch.run_rank does before calling the task
+    seed_everything(cfg.seed)  # what trainer.launch.rank.run_rank does before calling the task
     return stream_run.run(cfg, ONE)
 
 

@@ -81,7 +81,7 @@ def test_reads_the_choices_accelerate_launch_records(tmp_path, monkeypatch):
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
     from plait_testing import compose
-    from trainer.launch import run_rank
+    from trainer.launch.rank import run_rank
 
     run_rank(compose(["trainer.max_steps=1"], tmp_path / "acc"))
     manifest = json.loads((tmp_path / "acc" / "checkpoints" / "step_000000001" / "plait.json").read_text())

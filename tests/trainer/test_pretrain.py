@@ -5,7 +5,7 @@ import json
 import pytest
 
 from plait_testing import logged as losses
-from trainer.launch import run_rank
+from trainer.launch.rank import run_rank
 
 
 def test_single_process_trains_and_checkpoints(tiny_cfg, tmp_path):

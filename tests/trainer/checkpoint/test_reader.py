@@ -6,10 +6,10 @@ import io
 import torch
 import torch.distributed as dist
 
-import trainer.checkpoint_reader as reader_mod
+import trainer.checkpoint.reader as reader_mod
 from trainer.checkpoint import Checkpointer, CheckpointError
-from trainer.checkpoint_reader import zip_records
-from trainer.ckpt_cli import TensorDict as Tensors
+from trainer.checkpoint.reader import zip_records
+from trainer.checkpoint.state import TensorDict as Tensors
 
 
 def varied() -> dict[str, torch.Tensor]:

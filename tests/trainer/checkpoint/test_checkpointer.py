@@ -14,8 +14,8 @@ from torch import nn
 
 from plait_testing import logged as losses
 from trainer.checkpoint import MANIFEST, Checkpointer, CheckpointError, read_manifest, verify
-from trainer.launch import run_rank
-from trainer.state import ModelState, OptimizerState, Progress
+from trainer.launch.rank import run_rank
+from trainer.checkpoint.state import ModelState, OptimizerState, Progress
 
 
 def model_at(step: int, width: int = 256) -> nn.Module:

@@ -7,7 +7,7 @@ import signal
 import pytest
 
 from plait_testing import logged as losses, plait_process
-from trainer.preemption import EXIT_REQUEUE
+from trainer.launch.preemption import EXIT_REQUEUE
 
 
 def start(tmp_path, *args):

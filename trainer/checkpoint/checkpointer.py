@@ -30,8 +30,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.stateful import Stateful
 
-from trainer.checkpoint_reader import ShardError, VerifiedReader, file_checksum
-from trainer.preemption import requeued
+from trainer.checkpoint.reader import ShardError, VerifiedReader, file_checksum
+from trainer.launch.preemption import requeued
 
 # DCP warns on every single-process save/load; that is a supported mode here, not an accident.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")

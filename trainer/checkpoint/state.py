@@ -105,6 +105,19 @@ class RNGState(Stateful):
             torch.cuda.set_rng_state(streams["cuda"])
 
 
+class TensorDict(Stateful):
+    """A plain {name: tensor} dict as a checkpoint component (imports, exports)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.tensors = tensors
+
+    def state_dict(self) -> dict:
+        return self.tensors
+
+    def load_state_dict(self, state: dict) -> None:
+        self.tensors.update(state)
+
+
 @dataclass
 class Progress(Stateful):
     """Counters of a run: optimizer steps, samples and tokens seen."""

@@ -1,7 +1,7 @@
 """Slurm submission (`launcher=slurm`): a function run in every task of one sbatch job through
 submitit, waited for without sacct, and a failed job reported with the rank to blame, its
 traceback or last log lines, and srun's verdicts. Each task finds the others through
-trainer/slurm_env.py."""
+trainer/launch/slurm_env.py."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from trainer.config import ConfigError, LauncherConfig
-from trainer.slurm_env import RENDEZVOUS_VARS
+from trainer.launch.slurm_env import RENDEZVOUS_VARS
 
 # A failing rank takes the others down at once instead of leaving them blocked in a collective.
 SRUN_ARGS = ("--kill-on-bad-exit=1",)

@@ -1,4 +1,4 @@
-"""trainer/slurm.py: the sbatch script (no Slurm needed), and real jobs on the local two-node
+"""trainer/launch/slurm.py: the sbatch script (no Slurm needed), and real jobs on the local two-node
 cluster that `bash .ci/slurm.sh` starts (marked `slurm`)."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 
 from plait_testing import needs_cluster
 from trainer.config import ConfigError, LauncherConfig
-from trainer import slurm, slurm_env
+from trainer.launch import slurm, slurm_env
 
 
 # ----------------------------------------------------------------------------- job bodies

@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from trainer.ckpt_cli import load_model_tensors, main
+from trainer.checkpoint.cli import load_model_tensors, main
 from trainer.config import ModelConfig
-from trainer.launch import run_rank
+from trainer.launch.rank import run_rank
 from trainer.models import build_model
 
 

@@ -1,4 +1,4 @@
-"""trainer/slurm_env.py: node-list parsing and the rendezvous variables from an srun task's
+"""trainer/launch/slurm_env.py: node-list parsing and the rendezvous variables from an srun task's
 environment; the parser checked against `scontrol show hostnames` on the local cluster."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 from plait_testing import needs_cluster
-from trainer import slurm_env
+from trainer.launch import slurm_env
 
 
 @pytest.mark.parametrize("nodelist, hosts", [

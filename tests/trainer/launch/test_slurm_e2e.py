@@ -8,7 +8,7 @@ import time
 import pytest
 
 from plait_testing import compose, logged as losses, needs_cluster, plait_process, run_ranks
-from trainer.launch import run_rank
+from trainer.launch.rank import run_rank
 
 SLURM = ["launcher=slurm", "launcher.nodes=2", "parallel.dp_shard=2", "launcher.timeout_min=10"]
 

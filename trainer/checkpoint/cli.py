@@ -17,24 +17,11 @@ import sys
 from pathlib import Path
 
 import torch
-from torch.distributed.checkpoint.stateful import Stateful
 
 from trainer.checkpoint import MANIFEST, Checkpointer, CheckpointError, read_manifest, tensor_shapes, verify
 
-EXIT_BAD_INPUT = 2
-
-
-class TensorDict(Stateful):
-    """A plain {name: tensor} dict as a checkpoint component (imports, exports)."""
-
-    def __init__(self, tensors: dict[str, torch.Tensor]):
-        self.tensors = tensors
-
-    def state_dict(self) -> dict:
-        return self.tensors
-
-    def load_state_dict(self, state: dict) -> None:
-        self.tensors.update(state)
+from trainer.checkpoint.state import TensorDict
+from trainer.errors import EXIT_BAD_INPUT
 
 
 def step_dir(path: str) -> Path:
