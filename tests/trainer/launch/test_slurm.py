@@ -59,7 +59,7 @@ def crash_on_rank_1() -> str:
 
 # root of this module's import name (tests/trainer for "test_slurm", the repo for "tests.trainer...")
 IMPORT_ROOT = Path(__file__).resolve().parents[__name__.count(".")]
-TESTS_ROOT = Path(__file__).resolve().parents[1]  # plait_testing.py
+TESTS_ROOT = Path(__file__).resolve().parents[2]  # plait_testing.py
 
 
 @pytest.fixture
