@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
-import tempfile
 from pathlib import Path
-from typing import Iterator
+
+from trainer.atomic import atomic_path  # noqa: F401  (the cache's writers use it from here)
 
 
 def cache_root(cache_dir: str = "") -> Path:
@@ -23,25 +22,3 @@ def short_hash(*parts: object) -> str:
         h.update(str(part).encode())
         h.update(b"\0")
     return h.hexdigest()[:16]
-
-
-@contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[str]:
-    """Yield a temporary path beside `path`; on success fsync it and `os.replace` it into place.
-
-    Readers (other ranks, a concurrent build) see either no file or the whole file, never a part.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide a shared cache from other users
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
