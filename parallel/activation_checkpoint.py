@@ -21,6 +21,8 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
 )
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
+from parallel.plan import blocks_of
+
 AC_MODES = ("none", "full", "selective")
 
 _aten, _c10d = torch.ops.aten, torch.ops._c10d_functional
@@ -37,16 +39,17 @@ def _policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
 
 
 def apply_ac(model: nn.Module, mode: str) -> nn.Module:
-    """Wrap each block of `model.layers` (a ModuleDict) for recomputation, in place."""
+    """Wrap each block of the model's block list (its `stage_structure`) for recomputation, in place."""
     if mode not in AC_MODES:
         raise ValueError(f"activation checkpointing mode {mode!r}; allowed: {', '.join(AC_MODES)}")
     if mode == "none":
         return model
-    for key, block in model.layers.items():
+    blocks = blocks_of(model)
+    for key, block in blocks.items():
         if mode == "full":
-            model.layers[key] = checkpoint_wrapper(block)
+            blocks[key] = checkpoint_wrapper(block)
         else:
-            model.layers[key] = checkpoint_wrapper(
+            blocks[key] = checkpoint_wrapper(
                 block, context_fn=functools.partial(create_selective_checkpoint_contexts, _policy))
     return model
 

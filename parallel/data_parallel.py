@@ -8,6 +8,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
+from parallel.plan import blocks_of
+
 
 def mixed_precision(param_dtype: torch.dtype) -> MixedPrecisionPolicy:
     """Compute in `param_dtype`, reduce gradients in fp32 (torchtitan's default policy)."""
@@ -16,14 +18,14 @@ def mixed_precision(param_dtype: torch.dtype) -> MixedPrecisionPolicy:
 
 def apply_fsdp(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype = torch.float32,
                pipelined: bool = False) -> nn.Module:
-    """Shard each transformer block, then the root (embeddings, norm, head), over `mesh`.
+    """Shard each block (the model's `stage_structure`), then the root (embeddings, norm, head), over `mesh`.
 
     `mesh` is 1-D (dp_shard: FSDP) or 2-D (dp_replicate, dp_shard: HSDP). In a pipeline stage the
     blocks stay gathered between microbatches (torchtitan's policy): resharding after every
     microbatch's forward would all-gather them again for each one.
     """
     mp = mixed_precision(param_dtype)
-    blocks = list(model.layers.values())
+    blocks = list(blocks_of(model).values())
     for i, block in enumerate(blocks):
         # The last block's parameters are needed again at once by backward: keep them gathered.
         reshard = not pipelined and i < len(blocks) - 1

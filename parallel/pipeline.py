@@ -4,7 +4,9 @@
 bubble (pp-1)/(v*m) of the step instead of (pp-1)/m for v chunks per rank and m microbatches).
 
 Two steps, with the other techniques (TP, AC, FSDP) applied to each chunk in between:
-`split_model` (deep copy and prune, FQNs unchanged) and `build_pipeline` (stages + schedule).
+`split_model` (a copy of what one chunk keeps, FQNs unchanged; which module list is split and
+which modules the ends keep is the model's `stage_structure`) and `build_pipeline` (stages +
+schedule).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from torch.distributed.pipelining import (
     ScheduleInterleaved1F1B,
 )
 
-from parallel.tensor import plain_tensor
+from parallel.plan import blocks_of, is_wrapped, structure_of
+from parallel.tensor import plain_tensor, shared_parameters
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B}
 # Not offered: the zero-bubble schedules (ScheduleInterleavedZeroBubble, ZBV) give wrong gradients
@@ -73,25 +76,32 @@ def layer_split(n_layers: int, n_chunks: int) -> list[range]:
 
 
 def split_model(model: nn.Module, chunk: int, n_chunks: int) -> nn.Module:
-    """A deep copy of `model` holding only chunk `chunk`'s layers; the first chunk keeps
-    `tok_embeddings`, the last `norm` and `output`, the others have them set to None.
+    """Chunk `chunk` of `n_chunks`: a copy of `model` holding only that chunk's blocks, the first
+    chunk also the model's `first` modules, the last its `last` ones (its `stage_structure`,
+    parallel/plan.py); the others are set to None.
 
-    `model.layers` is a ModuleDict keyed by global layer index, so parameter names (and with them
-    checkpoint keys) are the same as in the whole model."""
-    if model.tok_embeddings is not None and model.output is not None \
-            and model.output.weight is model.tok_embeddings.weight:
-        raise ValueError("tied input/output embeddings cannot be split across pipeline stages")
-    keys = list(model.layers.keys())
+    Only what the chunk keeps is copied (the rest is left out of the copy, not copied and deleted),
+    and a meta model copies no storage at all: parallelize splits the meta model, then each rank
+    allocates its chunks alone. The block list is keyed by global block index, so parameter names
+    (and with them checkpoint keys) are the same as in the whole model."""
+    structure = structure_of(model)
+    if is_wrapped(model):
+        raise ValueError(f"a pipeline split of a wrapped model ({type(model).__qualname__}) is not supported: "
+                         "split the model itself")
+    if shared_parameters(model):
+        raise ValueError(f"tied parameters {shared_parameters(model)} cannot be split across pipeline stages")
+    blocks = blocks_of(model)
+    keys = list(blocks.keys())
     keep = {keys[i] for i in layer_split(len(keys), n_chunks)[chunk]}
-    part = copy.deepcopy(model)
-    for key in keys:
-        if key not in keep:
-            del part.layers[key]
-    if chunk != 0:
-        part.tok_embeddings = None
-    if chunk != n_chunks - 1:
-        part.norm = None
-        part.output = None
+    left_out = [blocks[k] for k in keys if k not in keep]
+    ends = {name: chunk == 0 for name in structure.first}
+    ends.update({name: chunk == n_chunks - 1 for name in structure.last})
+    left_out += [getattr(model, name) for name, kept in ends.items() if not kept and getattr(model, name) is not None]
+    # deepcopy's memo maps each left-out module to None: it is neither copied nor referenced
+    part = copy.deepcopy(model, memo={id(m): None for m in left_out})
+    part_blocks = getattr(part, structure.blocks)
+    for key in [k for k in keys if k not in keep]:
+        del part_blocks[key]
     return part
 
 

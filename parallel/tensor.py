@@ -1,12 +1,13 @@
 """Tensor parallelism (Megatron-LM, Shoeybi et al. 2019) through DTensor plans, with optional
 sequence parallelism for the norms (Korthikanti et al. 2022) and a vocabulary-parallel loss.
 
-Per block: wq/wk/wv and w1/w3 are column-parallel (each rank holds whole heads / a slice of the
-hidden units), wo and w2 row-parallel (partial sums reduced once per sub-layer): two all-reduces
-per block forward (reduce-scatter + all-gather under sequence parallelism). The embedding is
-sharded over the vocabulary (row-wise), the output projection over the vocabulary (column-wise),
-and the cross-entropy runs on vocabulary-sharded logits under `loss_parallel()` so the full
-[B, T, vocab] logits are never gathered.
+The plan is the model's (`tp_plan`, parallel/plan.py); this module applies it. Llama's
+(trainer/models/llama.py): per block wq/wk/wv and w1/w3 column-parallel (each rank holds whole
+heads / a slice of the hidden units), wo and w2 row-parallel (partial sums reduced once per
+sub-layer): two all-reduces per block forward (reduce-scatter + all-gather under sequence
+parallelism). The embedding is sharded over the vocabulary (row-wise), the output projection over
+the vocabulary (column-wise), and the cross-entropy runs on vocabulary-sharded logits under
+`loss_parallel()` so the full [B, T, vocab] logits are never gathered.
 """
 
 from __future__ import annotations
@@ -17,62 +18,55 @@ from typing import ContextManager
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, Shard
-from torch.distributed.tensor.parallel import (
-    ColwiseParallel,
-    PrepareModuleInput,
-    RowwiseParallel,
-    SequenceParallel,
-    loss_parallel,
-    parallelize_module,
-)
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel, parallelize_module
+
+from parallel.plan import blocks_of, tp_plan_of
 
 
 def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool = False) -> nn.Module:
-    """Shard `model` (a Llama or one pipeline chunk of it) over the 1-D `tp_mesh`, in place.
+    """Shard `model` (or one pipeline chunk of it) over the 1-D `tp_mesh` by the plan the model
+    declares (`tp_plan`, parallel/plan.py), in place: the root entries, then each block's.
 
-    Activations between blocks are plain tensors: replicated, or sharded on the sequence dim
-    (dim 1) under `sequence_parallel`, so pipeline stages send them as they are. The logits are a
-    DTensor sharded on the vocabulary: the loss runs under `tp_loss_context(True)`, and
-    `FullLogits` gathers them where whole logits are needed (sampling).
+    Parameters shared before (tied embeddings) are shared again after: each style distributes its
+    own copy of a shared weight.
     """
-    between = Shard(1) if sequence_parallel else Replicate()
-    tied = (model.tok_embeddings is not None and model.output is not None
-            and model.output.weight is model.tok_embeddings.weight)
-    root: dict[str, object] = {}
-    if model.tok_embeddings is not None:
-        root["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=between)
-    if model.norm is not None and sequence_parallel:
-        root["norm"] = SequenceParallel()
-    if model.output is not None:
-        root["output"] = ColwiseParallel(input_layouts=between, output_layouts=Shard(-1), use_local_output=False)
+    plan = tp_plan_of(model, sequence_parallel)
+    ties = shared_parameters(model)
+    root = {name: style for name, style in plan.root.items() if _holds(model, name)}
     if root:
         parallelize_module(model, tp_mesh, root)
-    if tied:  # each style distributed its own copy of the shared weight: share the DTensor again
-        model.output.weight = model.tok_embeddings.weight
-
-    for block in model.layers.values():
-        plan: dict[str, object] = {
-            "attention.wq": ColwiseParallel(),
-            "attention.wk": ColwiseParallel(),
-            "attention.wv": ColwiseParallel(),
-            "attention.wo": RowwiseParallel(output_layouts=between),
-            "feed_forward.w1": ColwiseParallel(),
-            "feed_forward.w2": RowwiseParallel(output_layouts=between),
-            "feed_forward.w3": ColwiseParallel(),
-        }
-        if sequence_parallel:
-            # norms run on a sequence shard; attention and MLP gather the whole sequence first
-            plan.update({
-                "attention_norm": SequenceParallel(),
-                "attention": PrepareModuleInput(input_layouts=(Shard(1), None, None),
-                                                desired_input_layouts=(Replicate(), None, None)),
-                "ffn_norm": SequenceParallel(),
-                "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),),
-                                                   desired_input_layouts=(Replicate(),)),
-            })
-        parallelize_module(block, tp_mesh, plan)
+    retie(model, ties)
+    for block in blocks_of(model).values():
+        parallelize_module(block, tp_mesh, plan.block)
     return model
+
+
+def _holds(model: nn.Module, name: str) -> bool:
+    """Whether `model` has the submodule `name` (a pipeline chunk sets the ends it lacks to None)."""
+    module: object = model
+    for part in name.split("."):
+        module = getattr(module, part, None)
+        if module is None:
+            return False
+    return True
+
+
+def shared_parameters(model: nn.Module) -> list[list[str]]:
+    """Groups of FQNs naming one Parameter (tied weights), largest group first."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return [group for group in names.values() if len(group) > 1]
+
+
+def retie(model: nn.Module, ties: list[list[str]]) -> None:
+    """Point every name of a tied group at the first name's (now distributed) parameter."""
+    for first, *others in ties:
+        param = model.get_parameter(first)
+        for name in others:
+            owner, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(owner), leaf, param)
 
 
 def tp_loss_context(enabled: bool) -> ContextManager:

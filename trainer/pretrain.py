@@ -14,7 +14,7 @@ import torch.distributed as dist
 from parallel.mesh import ParallelDims, build_mesh, dp_coords
 from parallel.parallelize import parallelize
 from parallel.tensor import FullLogits, tp_loss_context
-from trainer.checkpoint import Checkpointer, stored_keys
+from trainer.checkpoint import Checkpointer
 from trainer.config import PlaitConfig, as_dict
 from trainer.data import build_data
 from trainer.launch.distributed import DistEnv
@@ -58,10 +58,11 @@ def run(cfg: PlaitConfig, env: DistEnv) -> dict:
     dp_rank, dp_size = dp_coords(mesh)
     log = MetricLogger(cfg.run_dir, cfg.logger, as_dict(cfg), cfg.trainer.max_steps, is_main=env.is_main)
 
-    model = build_model(cfg.model, device=env.device)
+    # built on the meta device: each rank allocates and initialises only its own shards
+    model = build_model(cfg.model, device="meta")
     n_params = num_params(model)
     model, parts, pipeline = parallelize(model, mesh, cfg.parallel, cfg.trainer.precision,
-                                         loss_fn=cross_entropy_loss)
+                                         loss_fn=cross_entropy_loss, device=env.device, seed=cfg.seed)
     optimizer = build_optimizer(parts, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.trainer.max_steps)
     model_state, optimizer_state = ModelState(parts), OptimizerState(parts, optimizer)
@@ -98,7 +99,7 @@ def run(cfg: PlaitConfig, env: DistEnv) -> dict:
     if env.is_main:  # beside the checkpoints, so an export can ship the tokenizer with the weights
         data.tokenizer.save(str(Path(cfg.run_dir) / "tokenizer.json"))
     progress = Progress()
-    rng = RNGState(env.rank)
+    rng = RNGState(env.rank, seed=cfg.seed)
     components = {
         "model": model_state, "optimizer": optimizer_state,
         "lr_scheduler": scheduler, "data": data.train, "rng": rng, "progress": progress,
@@ -116,11 +117,7 @@ def run(cfg: PlaitConfig, env: DistEnv) -> dict:
         checkpointer.load(cfg.checkpoint.init_from, {"model": components["model"]})
         log.text(f"model weights from {cfg.checkpoint.init_from}")
     if resume is not None:
-        if f"rng.{rng.key}.torch" not in stored_keys(resume):
-            log.text(f"checkpoint has no RNG stream for rank {env.rank} (saved on another layout): reseeding")
-            del components["rng"]
         manifest = checkpointer.load(resume, components)
-        components["rng"] = rng
         log.text(f"resumed from {resume} at step {manifest['counters']['step']}")
         log.advance(progress.step)
 

@@ -66,9 +66,9 @@ def build_loop(cfg_dict: dict) -> tuple[TrainLoop, object]:
     dims = parallel_dims(cfg)
     mesh = build_mesh(dims, "cpu")
     dp_rank, dp_size = dp_coords(mesh)
-    model = build_model(cfg.model)
+    model = build_model(cfg.model, device="meta")  # as trainer/pretrain.py: each rank allocates its shards
     model, parts, pipeline = parallelize(model, mesh, cfg.parallel, cfg.trainer.precision,
-                                         loss_fn=cross_entropy_loss)
+                                         loss_fn=cross_entropy_loss, device="cpu", seed=cfg.seed)
     optimizer = build_optimizer(parts, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.trainer.max_steps)
     engine, model_state, optimizer_state = None, ModelState(parts), OptimizerState(parts, optimizer)

@@ -4,6 +4,8 @@ RoPE follows Hugging Face's "rotate_half" layout (the two halves of each head ar
 interleaved neighbours), so `LlamaForCausalLM` weights map 1:1 with no q/k permutation.
 Module names are stable for tensor and pipeline parallelism: `layers` is a ModuleDict keyed by the
 global layer index, and `tok_embeddings` / `norm` / `output` may be set to None by a pipeline split.
+The model declares its own tensor-parallel plan, stage structure and per-parameter initialisation
+(parallel/plan.py); parallel/ applies them.
 """
 
 from __future__ import annotations
@@ -15,6 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel, SequenceParallel
+
+from parallel.plan import StageStructure, TensorParallelPlan
 from trainer.config import ModelConfig
 
 
@@ -109,12 +115,16 @@ class Llama(nn.Module):
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg) for i in range(cfg.n_layers)})
         self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
-        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.build_head(cfg)
         cos, sin = rope_cos_sin(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
         # derived, not learned: kept out of the state dict so checkpoints hold weights only
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self._tie_weights()
+
+    def build_head(self, cfg: ModelConfig) -> None:
+        """The language-model head: logits over the vocabulary (a subclass puts its own head here)."""
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
 
     def _tie_weights(self) -> None:
         if self.cfg.tie_embeddings and self.tok_embeddings is not None and self.output is not None:
@@ -126,33 +136,47 @@ class Llama(nn.Module):
         self._tie_weights()
         return self
 
+    # --- what parallel/ asks the model (parallel/plan.py) ---------------------------------------
+
+    stage_structure = StageStructure(blocks="layers", first=("tok_embeddings",), last=("norm", "output"))
+
+    def tp_plan(self, sequence_parallel: bool) -> TensorParallelPlan:
+        """Megatron's plan: embedding row-wise (vocabulary), q/k/v and w1/w3 column-wise, wo and w2
+        row-wise, output column-wise (vocabulary-sharded logits for `loss_parallel`); norms on a
+        sequence shard under sequence parallelism, attention and MLP gathering the sequence first."""
+        return TensorParallelPlan(root=self.tp_root_plan(sequence_parallel), block=block_tp_plan(sequence_parallel))
+
+    def tp_root_plan(self, sequence_parallel: bool) -> dict[str, object]:
+        between = Shard(1) if sequence_parallel else Replicate()
+        root: dict[str, object] = {
+            "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=between),
+            "output": ColwiseParallel(input_layouts=between, output_layouts=Shard(-1), use_local_output=False),
+        }
+        if sequence_parallel:
+            root["norm"] = SequenceParallel()
+        return root
+
     @torch.no_grad()
-    def init_weights(self) -> None:
-        """normal(0, init_std) for embeddings and linears, block outputs (wo, w2) / sqrt(2 n_layers), norms 1."""
-        std = self.cfg.init_std
-        out_std = std / math.sqrt(2 * self.cfg.n_layers)  # GPT-2: residual branches add up over depth
-        if self.tok_embeddings is not None:
-            nn.init.normal_(self.tok_embeddings.weight, 0.0, std)
-        for block in self.layers.values():
-            for lin in (block.attention.wq, block.attention.wk, block.attention.wv,
-                        block.feed_forward.w1, block.feed_forward.w3):
-                nn.init.normal_(lin.weight, 0.0, std)
-            nn.init.normal_(block.attention.wo.weight, 0.0, out_std)
-            nn.init.normal_(block.feed_forward.w2.weight, 0.0, out_std)
-            block.attention_norm.reset_parameters()
-            block.ffn_norm.reset_parameters()
-        if self.norm is not None:
-            self.norm.reset_parameters()
-        tied = self.output is not None and self.tok_embeddings is not None \
-            and self.output.weight is self.tok_embeddings.weight
-        if self.output is not None and not tied:
-            nn.init.normal_(self.output.weight, 0.0, std)
+    def init_param(self, fqn: str, weight: torch.Tensor, generator: Optional[torch.Generator] = None) -> None:
+        """One parameter, whole, by its name: norms 1; block outputs (wo, w2) normal(0, init_std /
+        sqrt(2 n_layers)) (GPT-2: residual branches add up over depth); the rest normal(0, init_std)."""
+        if fqn.endswith("norm.weight"):
+            weight.fill_(1.0)
+        elif fqn.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+            nn.init.normal_(weight, 0.0, self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers), generator=generator)
+        else:
+            nn.init.normal_(weight, 0.0, self.cfg.init_std, generator=generator)
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """The derived RoPE tables, recomputed where the model now lives."""
         cos, sin = rope_cos_sin(self.cfg.dim // self.cfg.n_heads, self.cfg.max_seq_len,
                                 self.cfg.rope_theta, device=self.rope_cos.device)
         self.rope_cos, self.rope_sin = cos, sin
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [B, T] (or hidden states [B, T, dim] on a pipeline stage without embeddings)."""
+    def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, T] (or hidden states [B, T, dim] on a pipeline stage without embeddings) ->
+        the blocks' output, after the final norm where this model (chunk) has it."""
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         seqlen = h.shape[1]
         if seqlen > self.rope_cos.shape[0]:
@@ -160,8 +184,36 @@ class Llama(nn.Module):
         # whole tables: attention slices them, since h may hold one sequence shard (sequence parallel)
         for layer in self.layers.values():
             h = layer(h, self.rope_cos, self.rope_sin)
-        h = self.norm(h) if self.norm is not None else h
+        return self.norm(h) if self.norm is not None else h
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, T] -> logits [B, T, vocab]; a chunk without the output returns hidden states."""
+        h = self.hidden(tokens)
         return self.output(h) if self.output is not None else h
+
+
+def block_tp_plan(sequence_parallel: bool) -> dict[str, object]:
+    """One TransformerBlock's plan: two all-reduces per block forward (reduce-scatter + all-gather
+    under sequence parallelism)."""
+    between = Shard(1) if sequence_parallel else Replicate()
+    plan: dict[str, object] = {
+        "attention.wq": ColwiseParallel(),
+        "attention.wk": ColwiseParallel(),
+        "attention.wv": ColwiseParallel(),
+        "attention.wo": RowwiseParallel(output_layouts=between),
+        "feed_forward.w1": ColwiseParallel(),
+        "feed_forward.w2": RowwiseParallel(output_layouts=between),
+        "feed_forward.w3": ColwiseParallel(),
+    }
+    if sequence_parallel:
+        plan.update({
+            "attention_norm": SequenceParallel(),
+            "attention": PrepareModuleInput(input_layouts=(Shard(1), None, None),
+                                            desired_input_layouts=(Replicate(), None, None)),
+            "ffn_norm": SequenceParallel(),
+            "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+        })
+    return plan
 
 
 def num_params(model: nn.Module, exclude_embeddings: bool = False) -> int:

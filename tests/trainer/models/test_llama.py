@@ -9,9 +9,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+import trainer.models as models
+from parallel.init import materialize
 from trainer.config import ModelConfig
-from trainer.models import (MODELS, Llama, build_model, cross_entropy_loss, flops_per_token, generate,
-                            model_class, num_params, register_model)
+from trainer.errors import ConfigError
+from trainer.models import (MODELS, Llama, LlamaValue, build_model, cross_entropy_loss, flops_per_token, generate,
+                            model_class, num_params, register_model, value_loss)
+from trainer.registry import Registry
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "..", "configs", "model")
 
@@ -44,13 +48,10 @@ def test_state_dict_holds_weights_only():
 @pytest.mark.parametrize("tie", [False, True])
 def test_meta_build_matches_direct_build(tie):
     cfg = tiny(tie_embeddings=tie)
-    torch.manual_seed(3)
-    direct = build_model(cfg)
-    torch.manual_seed(3)
+    direct = build_model(cfg, seed=3)
     meta = build_model(cfg, device="meta")
     assert meta.tok_embeddings.weight.is_meta
-    meta.to_empty(device="cpu")
-    meta.init_weights()
+    materialize(meta, torch.device("cpu"), seed=3)
     for (k, a), (_, b) in zip(direct.state_dict().items(), meta.state_dict().items()):
         assert torch.equal(a, b), k
     torch.testing.assert_close(meta.rope_cos, direct.rope_cos, rtol=0, atol=0)
@@ -59,14 +60,25 @@ def test_meta_build_matches_direct_build(tie):
     assert torch.equal(meta(tokens), direct(tokens))
 
 
+def test_seed_decides_the_weights():
+    a, b, c = build_model(tiny(), seed=1), build_model(tiny(), seed=1), build_model(tiny(), seed=2)
+    assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
+    assert not torch.equal(a.layers["0"].attention.wq.weight, c.layers["0"].attention.wq.weight)
+    torch.manual_seed(5)  # no seed: one draw from the global generator, so manual_seed decides it
+    d = build_model(tiny())
+    torch.manual_seed(5)
+    assert torch.equal(d.output.weight, build_model(tiny()).output.weight)
+
+
 def test_init_weights_scales_block_outputs():
     cfg = tiny(dim=128, ffn_dim=256, n_layers=8, init_std=0.02)
-    torch.manual_seed(0)
-    model = build_model(cfg)
+    model = build_model(cfg, seed=0)
     block = model.layers["0"]
     assert torch.equal(block.attention_norm.weight, torch.ones(128))
     assert math.isclose(block.attention.wq.weight.std().item(), 0.02, rel_tol=0.05)
     assert math.isclose(block.feed_forward.w2.weight.std().item(), 0.02 / math.sqrt(16), rel_tol=0.05)
+    # each parameter from its own stream: no two blocks alike
+    assert not torch.equal(block.attention.wq.weight, model.layers["1"].attention.wq.weight)
 
 
 def test_tied_embeddings_share_one_tensor():
@@ -161,6 +173,12 @@ def test_cross_entropy_loss():
     torch.testing.assert_close(cross_entropy_loss(logits, targets), expected)
 
 
+def test_value_loss():
+    values, targets = torch.tensor([[1.0, 2.0]], dtype=torch.bfloat16), torch.tensor([[0.0, 4.0]])
+    loss = value_loss(values, targets)
+    assert loss.dtype == torch.float32 and loss.item() == (1 + 4) / 2
+
+
 def test_flops_per_token_hand_count():
     cfg = tiny()  # dim 32, 4 heads of 8, 2 kv heads, ffn 48, vocab 64, 4 layers
     attn = 32 * 32 + 2 * 32 * 16 + 32 * 32  # wq, wk+wv, wo
@@ -172,22 +190,39 @@ def test_flops_per_token_hand_count():
     assert flops_per_token(tiny(tie_embeddings=True), 16) == flops_per_token(cfg, 16)
 
 
-def test_registry():
-    assert MODELS["llama"] is Llama
+def test_registry(monkeypatch):
+    assert MODELS["llama"] is Llama and MODELS["llama_value"] is LlamaValue
     assert model_class("llama_1b") is Llama and model_class("llama") is Llama
-    with pytest.raises(ValueError, match="gpt_small.*allowed.*llama"):
+    assert model_class("llama_value_1b") is LlamaValue  # the longest registered prefix wins
+    with pytest.raises(ConfigError, match=r"model\.name='gpt_small'.*allowed: llama, llama_value"):
         build_model(tiny(name="gpt_small"))
+    fresh = Registry("model", key="model.name")
+    for name, cls in MODELS.items():
+        fresh.add(name, cls)
+    monkeypatch.setattr(models, "MODELS", fresh)
 
     @register_model("llama_moe")
     class Moe(Llama):
         pass
 
-    try:
-        assert model_class("llama_moe_tiny") is Moe and model_class("llama_tiny") is Llama
-        with pytest.raises(ValueError, match="already registered"):
-            register_model("llama")(Moe)
-    finally:
-        del MODELS["llama_moe"]
+    assert model_class("llama_moe_tiny") is Moe and model_class("llama_tiny") is Llama
+    with pytest.raises(ValueError, match="already registered"):
+        register_model("llama")(Moe)
+
+
+def test_value_head_model():
+    model = build_model(tiny(name="llama_value_tiny"), seed=0)
+    assert isinstance(model, LlamaValue) and model.value_head.weight.shape == (1, 32)
+    assert not hasattr(model, "output") and model.stage_structure.last == ("norm", "value_head")
+    tokens = torch.randint(0, 64, (2, 10))
+    values = model(tokens)
+    assert values.shape == (2, 10)
+    # the trunk is the language model's, weight for weight under the same seed
+    lm = build_model(tiny(), seed=0)
+    assert torch.equal(lm.layers["3"].feed_forward.w2.weight, model.layers["3"].feed_forward.w2.weight)
+    torch.testing.assert_close(values, model.value_head(lm.hidden(tokens)).squeeze(-1), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="tie_embeddings"):
+        build_model(tiny(name="llama_value", tie_embeddings=True))
 
 
 EXPECTED_PARAMS = {
