@@ -246,17 +246,15 @@ class RefRunner:
 # ---------------------------------------------------------------------------------------------
 
 def plait_loop(algo, env_id, seed, total_steps):
-    from streaming_rl.config import task_config
     from streaming_rl.run import build_loop
     from trainer.config import validate
 
     torch.manual_seed(seed)
     # no time feature: the reference's networks see the raw observation size
     cfg = validate({"task": {"_target_": "streaming_rl.run.run", "name": f"stream_{algo}", "agent": algo,
-                             "time_feature": False},
-                    "env": env_id, "seed": seed, "trainer": {"total_steps": total_steps}})
-    loop, _ = build_loop(cfg, task_config(cfg))
-    return loop
+                             "time_feature": False, "env": env_id, "total_steps": total_steps},
+                    "seed": seed})
+    return build_loop(cfg, cfg.task)
 
 
 def timed(step, n):
@@ -312,8 +310,8 @@ def learning_run(job):
         metrics.unlink()
     cfg = validate({
         "task": {"_target_": "streaming_rl.run.run", "name": f"stream_{algo}", "agent": algo,
-                 "summary_every": 50_000, **extra},
-        "env": env_id, "seed": seed, "trainer": {"total_steps": steps},
+                 "summary_every": 50_000, "env": env_id, "total_steps": steps, **extra},
+        "seed": seed,
         "checkpoint": {"every": 0, "save_final": False}, "logger": {"progress": False},
         "name": f"bench-{label}-{seed}", "run_dir": str(run_dir),
     })
@@ -321,27 +319,47 @@ def learning_run(job):
     start, diverged = time.perf_counter(), None
     try:
         run(cfg, DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
-    except SystemExit:  # a diverged learner (the stream barrier) stops with exit status 1
+    except SystemExit as exit_:  # a diverged learner (the stream barrier) stops with exit status 1
+        if exit_.code != 1:  # 2 is bad input, 75 a preemption: neither is a learner blowing up
+            raise
         diverged = True
     rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
     episodes = [(r["step"], r["episode/return"]) for r in rows if "episode/return" in r]
     if diverged:
         diverged = episodes[-1][0] if episodes else 0
     summary = {"diverged_at": diverged, "seconds": time.perf_counter() - start,
-               "steps": steps, "options": extra}
+               "steps": steps, "options": extra, "code": code_version()}
     (run_dir / "bench_result.json").write_text(json.dumps(summary))
     return {"label": label, "seed": seed, "episodes": episodes, **summary}
 
 
+def code_version() -> str:
+    """What produced a learning run: a hash of the learner's code (streaming_rl/ and the core
+    modules its loop runs through) and the versions of the libraries that simulate and compute."""
+    import hashlib
+    from importlib.metadata import version
+
+    root = Path(__file__).resolve().parents[1]
+    files = sorted((root / "streaming_rl").rglob("*.py")) + [root / "trainer" / "boundary.py",
+                                                              root / "trainer" / "running_stats.py"]
+    digest = hashlib.sha256()
+    for f in files:
+        if f.exists():
+            digest.update(f.relative_to(root).as_posix().encode() + f.read_bytes())
+    libs = ",".join(f"{p}={version(p)}" for p in ("torch", "gymnasium", "mujoco", "numpy"))
+    return f"{digest.hexdigest()[:16]};{libs}"
+
+
 def finished(job) -> bool:
-    """This seed already ran to the end with these steps and options (a rerun with more seeds
-    adds only the missing ones)."""
+    """This seed already ran to the end with these steps and options, by the same code (a rerun
+    with more seeds adds only the missing ones; a code change reruns them all)."""
     steps, extra = job[4], job[5]
     result = job_dir(job) / "bench_result.json"
     if not result.exists():
         return False
     summary = json.loads(result.read_text())
-    return summary.get("steps") == steps and summary.get("options") == json.loads(json.dumps(extra))
+    return (summary.get("steps") == steps and summary.get("options") == json.loads(json.dumps(extra))
+            and summary.get("code") == code_version())
 
 
 def stored_run(job):
@@ -518,7 +536,7 @@ def main():
     ap.add_argument("--q-steps", type=int, default=150_000)
     ap.add_argument("--ac-steps", type=int, default=450_000)
     ap.add_argument("--replot", action="store_true", help="figures from the runs already in --out "
-                    "(without it, seeds already finished there with the same steps and options are reused)")
+                    "(without it, seeds already finished there with the same steps, options and code are reused)")
     ap.add_argument("--barrier-steps", type=int, default=30_000)
     ap.add_argument("--plain-lr", type=float, nargs="+", default=[0.01, 0.001, 0.0001])
     ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))

@@ -21,13 +21,15 @@ import numpy as np
 import torch
 from torch.distributed.checkpoint.stateful import Stateful
 
+from trainer.errors import ConfigError
+
 CLASSIC_ATTRS = ("state", "steps_beyond_terminated", "last_u")
 EXAMPLES = ("CartPole-v1", "Acrobot-v1", "MountainCar-v0", "Pendulum-v1", "Hopper-v5", "Walker2d-v5",
             "HalfCheetah-v5", "Ant-v5", "Humanoid-v5", "MinAtar/Breakout-v1 (with plait[minatar])")
 MINATAR_PREFIX = "MinAtar/"
 
 
-class EnvError(ValueError):
+class EnvError(ConfigError):
     """An environment id or its spaces cannot be used; the message says what can."""
 
 
@@ -43,7 +45,7 @@ def register_optional_envs() -> None:
         minatar.gym.register_envs()
 
 
-def check_env_id(env_id: str, key: str = "env") -> None:
+def check_env_id(env_id: str, key: str = "task.env") -> None:
     """Refuse an unknown id with the nearest registered ones and a few that work."""
     register_optional_envs()
     if env_id in gym.registry:

@@ -1,5 +1,6 @@
-"""Online normalization for streaming learners: Welford running statistics of observations, and
-reward scaling by the running standard deviation of the discounted return trace (stream-x).
+"""Online normalization for streaming learners: observations by their Welford running statistics
+(trainer/running_stats.py), rewards by the running standard deviation of the discounted return
+trace (stream-x).
 
 Both are `Stateful`: their statistics are part of the learner and go through the checkpoint.
 """
@@ -10,21 +11,9 @@ import numpy as np
 import torch
 from torch.distributed.checkpoint.stateful import Stateful
 
+from trainer.running_stats import RunningMeanVar
+
 EPS = 1e-8
-
-
-def welford_update(count: int, mean: np.ndarray, m2: np.ndarray, x: np.ndarray) -> int:
-    """n ← n+1;  d = x − μ;  μ ← μ + d/n;  M₂ ← M₂ + d·(x − μ)   (in place on mean, m2; returns n)."""
-    count += 1
-    d = x - mean
-    mean += d / count
-    m2 += d * (x - mean)
-    return count
-
-
-def welford_variance(count: int, m2: np.ndarray) -> np.ndarray:
-    """σ² = M₂/(n−1) for n ≥ 2, else 1."""
-    return m2 / (count - 1) if count >= 2 else np.ones_like(m2)
 
 
 def normalize(x: np.ndarray, mean: np.ndarray, var: np.ndarray) -> np.ndarray:
@@ -40,32 +29,6 @@ def return_trace(u: float, reward: float, gamma: float, done: bool) -> float:
 def scale_reward(reward: float, var_u: float) -> float:
     """r / √(Var u + 1e-8)  (no mean subtraction)."""
     return reward / float(np.sqrt(var_u + EPS))
-
-
-class RunningMeanVar(Stateful):
-    """Welford mean and variance of a stream of arrays of one shape (float64)."""
-
-    def __init__(self, shape: tuple[int, ...] = ()):
-        self.count = 0
-        self.mean = np.zeros(shape, dtype=np.float64)
-        self.m2 = np.zeros(shape, dtype=np.float64)
-
-    def update(self, x: np.ndarray | float) -> None:
-        self.count = welford_update(self.count, self.mean, self.m2, x)
-
-    @property
-    def var(self) -> np.ndarray:
-        return welford_variance(self.count, self.m2)
-
-    def state_dict(self) -> dict:
-        # tensors that share memory with the arrays: a checkpoint load fills them in place
-        return {"count": torch.tensor(self.count, dtype=torch.int64),
-                "mean": torch.from_numpy(self.mean), "m2": torch.from_numpy(self.m2)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.count = int(state["count"])
-        self.mean[...] = np.asarray(state["mean"], dtype=np.float64)
-        self.m2[...] = np.asarray(state["m2"], dtype=np.float64)
 
 
 class ObservationNormalizer(Stateful):

@@ -1,5 +1,6 @@
-"""`plait`: the Hydra app. Validates the config, then runs the task's `_target_` in-process, spawns
-local ranks, or submits to Slurm. Exit status 2 for a bad config, before anything starts."""
+"""`plait`: the Hydra app. Validates the whole config (core schema, the task family's typed options,
+its cross-field checks: trainer/task.py), then runs the task's `_target_` in-process, spawns local
+ranks, or submits to Slurm. Exit status 2 for bad input, before any rank starts or job is submitted."""
 
 from __future__ import annotations
 
@@ -11,8 +12,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 import configs
-from trainer.config import (ConfigError, PlaitConfig, as_dict, check_combinations,
-                            register_schema, to_schema)
+from trainer.config import MOVED, ConfigError, PlaitConfig, as_dict, register_schema, validate_run
 from trainer.errors import EXIT_BAD_INPUT
 from trainer.launch.distributed import detect_launcher, launcher_world_size
 from trainer.launch.rank import run_rank
@@ -78,8 +78,7 @@ def submit_to_slurm(cfg: PlaitConfig, cfg_dict: dict, world: int) -> None:
 
 def launch(raw: DictConfig) -> None:
     try:
-        cfg = to_schema(raw)
-        world = check_combinations(cfg, launcher_world_size())
+        cfg, world = validate_run(raw, launcher_world_size())
     except ConfigError as err:
         fail(f"bad config: {err}")
     cfg_dict = as_dict(cfg)
@@ -102,7 +101,18 @@ def hydra_entry(raw: DictConfig) -> None:
     launch(raw)
 
 
+def moved_keys(argv: list[str]) -> None:
+    """Overrides of keys that moved into a task's options fail with the new key's name (Hydra
+    would only say the old key is unknown)."""
+    for arg in argv:
+        key = arg.lstrip("+~").split("=", 1)[0]
+        if "=" in arg and key in MOVED:
+            fail(f"{key}= is now {MOVED[key]}= (a task option); e.g. plait task=stream_ac "
+                 f"{MOVED[key]}={arg.split('=', 1)[1]}")
+
+
 def main() -> None:
+    moved_keys(sys.argv[1:])
     try:
         hydra_entry()
     except SystemExit as exit_:

@@ -7,9 +7,9 @@ key, the value and what is allowed. The CLI exits with status 2 on it, before an
 from __future__ import annotations
 
 import dataclasses
-import functools
 import importlib.util
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -20,23 +20,74 @@ from trainer.errors import ConfigError
 
 
 def choice(default: Any, *allowed: Any):
-    """A field restricted to `allowed` (checked by `validate`)."""
+    """A field restricted to `allowed` (checked by `check_fields`)."""
     return field(default=default, metadata={"choices": (default, *allowed)})
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """Where a number may lie: ge/gt below, le/lt above, plus `also` (sentinels such as -1)."""
+
+    ge: Optional[float] = None
+    gt: Optional[float] = None
+    le: Optional[float] = None
+    lt: Optional[float] = None
+    also: tuple = ()
+    note: str = ""  # what a sentinel means, for the error
+
+    def allows(self, v: Any) -> bool:
+        if v in self.also:
+            return True
+        return not ((self.ge is not None and v < self.ge) or (self.gt is not None and v <= self.gt)
+                    or (self.le is not None and v > self.le) or (self.lt is not None and v >= self.lt))
+
+    def describe(self, integer: bool) -> str:
+        kind = "an integer" if integer else "a number"
+        lo = (f"[{self.ge:g}" if self.ge is not None else f"({self.gt:g}" if self.gt is not None else None)
+        hi = (f"{self.le:g}]" if self.le is not None else f"{self.lt:g})" if self.lt is not None else None)
+        if lo and hi:
+            text = f"{kind} in {lo}, {hi}"
+        elif lo:
+            text = f"{kind} {'>=' if self.ge is not None else '>'} {lo[1:]}"
+        else:
+            text = f"{kind} {'<=' if self.le is not None else '<'} {hi[:-1]}"
+        return text + (f", or {self.note}" if self.note else "")
+
+
+def bounded(default: Any, *, ge=None, gt=None, le=None, lt=None, also: tuple = (), note: str = ""):
+    """A numeric field with a range (checked by `check_fields`); None passes where the type is Optional."""
+    return field(default=default, metadata={"bounds": Bounds(ge, gt, le, lt, tuple(also), note)})
+
+
+def check_fields(node: Any, prefix: str = "") -> None:
+    """Every `choice` and `bounded` field of a (nested) dataclass, with the key in the error."""
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            check_fields(value, key + ".")
+        elif "choices" in f.metadata and value not in f.metadata["choices"]:
+            allowed = ", ".join(map(str, f.metadata["choices"]))
+            raise ConfigError(f"{key}={value!r} is not allowed; choose one of: {allowed}")
+        elif "bounds" in f.metadata and value is not None and not f.metadata["bounds"].allows(value):
+            integer = isinstance(value, int) and not isinstance(value, bool)
+            allowed = f.metadata["bounds"].describe(integer)
+            raise ConfigError(f"{key}={value!r} is out of range; allowed: {allowed}")
 
 
 @dataclass
 class ModelConfig:
-    name: str = "llama_tiny"
-    vocab_size: int = 2048
-    dim: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int = 2
-    ffn_dim: int = 352
-    max_seq_len: int = 256
-    norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    init_std: float = 0.02
+    name: str = "llama_tiny"  # a registered family (trainer/models), optionally _<size>
+    vocab_size: int = bounded(2048, ge=1)
+    dim: int = bounded(128, ge=1)
+    n_layers: int = bounded(4, ge=1)
+    n_heads: int = bounded(4, ge=1)
+    n_kv_heads: int = bounded(2, ge=1)
+    ffn_dim: int = bounded(352, ge=1)
+    max_seq_len: int = bounded(256, ge=1)
+    norm_eps: float = bounded(1e-5, gt=0)
+    rope_theta: float = bounded(10000.0, gt=0)
+    init_std: float = bounded(0.02, gt=0)
     tie_embeddings: bool = False
 
 
@@ -47,37 +98,39 @@ class DataConfig:
     source: str = "stdlib"
     text_field: str = "text"
     streaming: bool = False  # stream a large local corpus instead of tokenizing it up front
-    seq_len: int = 128
+    seq_len: int = bounded(128, ge=1)
     # "train": byte-level BPE trained on the corpus and cached; or a path to a tokenizer.json
     tokenizer: str = "train"
-    tokenizer_train_bytes: int = 4_000_000
-    max_tokens: int = 0  # 0 = the whole corpus; else cap the tokens read (fast demos and tests)
-    val_fraction: float = 0.02
+    tokenizer_train_bytes: int = bounded(4_000_000, ge=1)
+    max_tokens: int = bounded(0, ge=0, note="0 for the whole corpus")  # cap the tokens read (fast demos, tests)
+    val_fraction: float = bounded(0.02, ge=0, lt=1)
     cache_dir: str = ""  # "" = $PLAIT_CACHE, else ~/.cache/plait
 
 
 @dataclass
 class OptimConfig:
     name: str = choice("adamw")
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    warmup_steps: int = 20
+    lr: float = bounded(3e-3, gt=0)
+    min_lr_ratio: float = bounded(0.1, ge=0, le=1)
+    weight_decay: float = bounded(0.1, ge=0)
+    beta1: float = bounded(0.9, ge=0, lt=1)
+    beta2: float = bounded(0.95, ge=0, lt=1)
+    eps: float = bounded(1e-8, gt=0)
+    warmup_steps: int = bounded(20, ge=0)
     schedule: str = choice("cosine", "linear", "constant")
-    grad_clip: float = 1.0  # global L2 norm; 0 disables clipping
+    grad_clip: float = bounded(1.0, ge=0)  # global L2 norm; 0 disables clipping
 
 
 @dataclass
 class ParallelConfig:
-    dp_replicate: int = 1
-    dp_shard: int = 1  # -1: whatever the world size leaves after the other dimensions
-    tp: int = 1
-    pp: int = 1
-    virtual_stages: int = 1
-    microbatches: int = -1  # per pipeline step, per rank; -1: pp (the fewest that keep every 1F1B stage busy)
+    dp_replicate: int = bounded(1, ge=1)
+    # -1: whatever the world size leaves after the other dimensions
+    dp_shard: int = bounded(1, ge=1, also=(-1,), note="-1 to fill the world size")
+    tp: int = bounded(1, ge=1)
+    pp: int = bounded(1, ge=1)
+    virtual_stages: int = bounded(1, ge=1)
+    # per pipeline step, per rank; -1: pp (the fewest that keep every 1F1B stage busy)
+    microbatches: int = bounded(-1, ge=1, also=(-1,), note="-1 for pp")
     schedule: str = choice("1f1b", "gpipe", "interleaved_1f1b")
     sequence_parallel: bool = False  # with tp > 1: norms on sequence shards (less activation memory)
     dp_backend: str = choice("fsdp", "ddp", "deepspeed")
@@ -89,26 +142,27 @@ class ParallelConfig:
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 1000
-    batch_size: int = 16  # global batch: sequences per optimizer step, over all data-parallel ranks
-    grad_accum: int = 1
+    max_steps: int = bounded(1000, ge=0)  # optimizer steps
+    batch_size: int = bounded(16, ge=1)  # global batch: sequences per optimizer step, over all data-parallel ranks
+    grad_accum: int = bounded(1, ge=1)
     precision: str = choice("fp32", "bf16")
-    log_every: int = 10
-    eval_every: int = 250  # 0 = only at the end
-    eval_batches: int = 4
+    log_every: int = bounded(10, ge=1)
+    eval_every: int = bounded(250, ge=0, note="0 for only at the end")
+    eval_batches: int = bounded(4, ge=1)
     sample_prompt: str = "def "
-    sample_tokens: int = 48
-    peak_flops: float = 0.0  # per device; 0 = look up the GPU or measure a CPU matmul peak
-    # environment steps of a streaming learner (task=stream_*); 0 = the task's default
-    total_steps: int = 0
+    sample_tokens: int = bounded(48, ge=0)
+    # per device, FLOP/s; 0 = the GPU's datasheet bf16 peak if Plait knows the GPU (else MFU is
+    # not reported), a measured fp32 matmul peak on CPU
+    peak_flops: float = bounded(0.0, ge=0)
 
 
 @dataclass
 class CheckpointConfig:
     dir: str = "${run_dir}/checkpoints"
-    every: int = 250  # steps between saves; 0 = only the final one
-    keep_last: int = 3  # 0 keeps all
-    resume: str = "none"  # none | latest | auto (latest if any) | path to a step directory
+    every: int = bounded(250, ge=0, note="0 for only the final one")  # steps between saves
+    keep_last: int = bounded(3, ge=0, note="0 to keep all")
+    # none | latest | auto (latest if any) | a step directory | a run's checkpoints directory
+    resume: str = "none"
     save_final: bool = True
     async_save: bool = False  # write in a background thread while training goes on
     init_from: str = ""  # a checkpoint whose model weights start this run (optimizer, data: fresh)
@@ -117,12 +171,12 @@ class CheckpointConfig:
 @dataclass
 class LauncherConfig:
     name: str = choice("local", "slurm")
-    nodes: int = 1
-    tasks_per_node: int = 0  # 0 = world size / nodes
-    gpus_per_node: int = 0
-    cpus_per_task: int = 1
-    mem_gb: int = 0  # 0 = the partition's default
-    timeout_min: int = 60
+    nodes: int = bounded(1, ge=1)
+    tasks_per_node: int = bounded(0, ge=0, note="0 for world size / nodes")
+    gpus_per_node: int = bounded(0, ge=0)
+    cpus_per_task: int = bounded(1, ge=1)
+    mem_gb: int = bounded(0, ge=0, note="0 for the partition's default")
+    timeout_min: int = bounded(60, ge=1)
     partition: str = ""
     account: str = ""
     qos: str = ""
@@ -149,13 +203,16 @@ def default_task() -> dict[str, Any]:
 
 @dataclass
 class PlaitConfig:
-    # the runner (`_target_`), its `name`, and options of its own, which the runner validates
-    task: dict[str, Any] = field(default_factory=default_task)
+    # the runner (`_target_`), its `name` and its options: a dict as composed, the family's typed
+    # options (a trainer.task.TaskOptions) once validated
+    task: Any = field(default_factory=default_task)
+    # LM-training sections: read by the families that declare them (trainer.task.TaskFamily.reads)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    # every task's
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
@@ -163,27 +220,9 @@ class PlaitConfig:
     run_dir: str = "runs/${name}"
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    # a gymnasium environment id for RL tasks (e.g. Hopper-v5); "" = the task's default
-    env: str = ""
 
 
-def _check_choices(node: Any, prefix: str) -> None:
-    for f in dataclasses.fields(node):
-        value = getattr(node, f.name)
-        key = f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(value):
-            _check_choices(value, key + ".")
-        elif "choices" in f.metadata and value not in f.metadata["choices"]:
-            allowed = ", ".join(map(str, f.metadata["choices"]))
-            raise ConfigError(f"{key}={value!r} is not allowed; choose one of: {allowed}")
-
-
-def _positive(cfg: PlaitConfig, *keys: str, allow_zero: bool = False) -> None:
-    for key in keys:
-        value = functools.reduce(getattr, key.split("."), cfg)  # not OmegaConf: ~15 ms a key
-        if value < 0 or (value == 0 and not allow_zero):
-            bound = ">= 0" if allow_zero else ">= 1"
-            raise ConfigError(f"{key}={value} must be {bound}")
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 def resolve_parallel(p: ParallelConfig, world_size: Optional[int]) -> int:
@@ -238,22 +277,15 @@ def _check_deepspeed(p: ParallelConfig, precision: str) -> None:
 
 
 def check_combinations(cfg: PlaitConfig, world_size: Optional[int] = None) -> int:
-    """Cross-field rules; returns the world size the run needs."""
-    _check_choices(cfg, "")
+    """The cross-field rules of language-model training on a parallel layout (model, parallel and
+    trainer sections; run by the families that train an LM: pretrain, and plait-plan for every
+    layout it prints); fills parallel.dp_shard=-1 and parallel.microbatches=-1; returns the world
+    size the run needs."""
+    for section in ("model", "parallel", "trainer"):
+        check_fields(getattr(cfg, section), section + ".")
     if cfg.parallel.microbatches == -1:
         cfg.parallel.microbatches = cfg.parallel.pp
-    _positive(
-        cfg,
-        "parallel.dp_replicate", "parallel.tp", "parallel.pp", "parallel.virtual_stages",
-        "parallel.microbatches", "trainer.batch_size", "trainer.grad_accum", "trainer.log_every",
-        "model.dim", "model.n_layers", "model.n_heads", "model.n_kv_heads", "model.vocab_size",
-        "data.seq_len",
-    )
-    _positive(cfg, "trainer.max_steps", "checkpoint.every", "checkpoint.keep_last",
-              "trainer.eval_every", allow_zero=True)
     p, m, t = cfg.parallel, cfg.model, cfg.trainer
-    if p.dp_shard == 0 or p.dp_shard < -1:
-        raise ConfigError(f"parallel.dp_shard={p.dp_shard} must be >= 1, or -1 to fill the world size")
     world = resolve_parallel(p, world_size)
     if m.dim % m.n_heads:
         raise ConfigError(f"model.dim={m.dim} is not divisible by model.n_heads={m.n_heads}")
@@ -308,22 +340,12 @@ def check_combinations(cfg: PlaitConfig, world_size: Optional[int] = None) -> in
         if m.tie_embeddings:
             raise ConfigError("model.tie_embeddings=true with parallel.pp>1: the input embedding (first "
                               "stage) and output layer (last stage) cannot share a weight; allowed: false")
-    if cfg.checkpoint.resume not in ("none", "latest", "auto") and not os.path.isdir(cfg.checkpoint.resume):
-        raise ConfigError(
-            f"checkpoint.resume={cfg.checkpoint.resume!r}: no such checkpoint directory; "
-            "allowed: none, latest, auto, or a path to a step directory"
-        )
-    d = cfg.data
-    if not 0 <= d.val_fraction < 1:
-        raise ConfigError(f"data.val_fraction={d.val_fraction} must be in [0, 1)")
-    if d.max_tokens < 0:
-        raise ConfigError(f"data.max_tokens={d.max_tokens} must be >= 0 (0 = the whole corpus)")
-    if d.tokenizer == "train" and d.tokenizer_train_bytes < 1:
-        raise ConfigError(f"data.tokenizer_train_bytes={d.tokenizer_train_bytes} must be >= 1")
-    init = cfg.checkpoint.init_from
-    if init and not os.path.isdir(init):
-        raise ConfigError(f"checkpoint.init_from={init!r}: no such checkpoint directory")
-    src = cfg.data.source
+    return world
+
+
+def check_data(d: DataConfig) -> None:
+    """The corpus and tokenizer a text-training task reads exist."""
+    src = d.source
     if not src:
         raise ConfigError("data.source is not set; allowed: stdlib, or a local .txt/.jsonl/.json/.parquet "
                           "file or a directory of them (data=local data.source=PATH)")
@@ -332,10 +354,24 @@ def check_combinations(cfg: PlaitConfig, world_size: Optional[int] = None) -> in
             f"data.source={src!r}: no such file or directory; allowed: stdlib, or a local "
             ".txt/.jsonl/.json/.parquet file or a directory of them"
         )
-    tok = cfg.data.tokenizer
+    tok = d.tokenizer
     if tok != "train" and not os.path.isfile(os.path.expanduser(tok)):
         raise ConfigError(f"data.tokenizer={tok!r}: no such file; allowed: train, or a path to tokenizer.json")
-    return world
+
+
+def check_core(cfg: PlaitConfig) -> None:
+    """Rules on what every task reads: device, checkpoint paths, launcher, logger."""
+    if not DEVICE.fullmatch(cfg.device):
+        raise ConfigError(f"device={cfg.device!r} is not allowed; allowed: auto, cpu, cuda, cuda:N")
+    resume = cfg.checkpoint.resume
+    if resume not in ("none", "latest", "auto") and not os.path.isdir(resume):
+        raise ConfigError(
+            f"checkpoint.resume={resume!r}: no such checkpoint directory; allowed: none, latest, auto, "
+            "a step directory, or a run's checkpoints directory"
+        )
+    init = cfg.checkpoint.init_from
+    if init and not os.path.isdir(init):
+        raise ConfigError(f"checkpoint.init_from={init!r}: no such checkpoint directory")
 
 
 SECTIONS = {f.name for f in dataclasses.fields(PlaitConfig)}
@@ -354,12 +390,14 @@ def _fields_at(path: str) -> list[str]:
 
 
 def to_schema(cfg: DictConfig | dict) -> PlaitConfig:
-    """Merge a composed config onto the schema: unknown keys and wrong types become ConfigError."""
+    """Merge a composed config onto the core schema: unknown keys and wrong types become
+    ConfigError. `task` stays a plain dict here (its family's options type it: `validate`)."""
     raw = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
     unknown = sorted(set(raw.keys()) - SECTIONS)
     if unknown:
+        moved = [f"{k} (now {MOVED[k]})" for k in unknown if k in MOVED]
         raise ConfigError(
-            f"unknown top-level key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(SECTIONS))}"
+            f"unknown top-level key(s) {', '.join(moved or unknown)}; allowed: {', '.join(sorted(SECTIONS))}"
         )
     missing = sorted(OmegaConf.missing_keys(raw))
     if missing:
@@ -368,6 +406,9 @@ def to_schema(cfg: DictConfig | dict) -> PlaitConfig:
     try:
         merged = OmegaConf.merge(OmegaConf.structured(PlaitConfig), raw)
         OmegaConf.resolve(merged)
+        task = OmegaConf.to_container(merged.task, resolve=True)
+        merged.task = {}
+        obj = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or ""
         msg = str(err).split("\n")[0]
@@ -375,32 +416,63 @@ def to_schema(cfg: DictConfig | dict) -> PlaitConfig:
             allowed = _fields_at(key.rsplit(".", 1)[0])
             if allowed:
                 msg = f"unknown key; allowed: {', '.join(allowed)}"
+                hint = MOVED.get(key)
+                msg += f" ({key} is now {hint})" if hint else ""
         raise ConfigError(f"{key}: {msg}" if key else msg) from None
-    obj = OmegaConf.to_object(merged)
+    if not isinstance(task, dict):
+        raise ConfigError(f"task must be a mapping with _target_ and name, got {task!r}")
     for key in ("_target_", "name"):
-        if not isinstance(obj.task.get(key), str) or not obj.task[key]:
+        if not isinstance(task.get(key), str) or not task[key]:
             raise ConfigError(f"task.{key} is missing; a task config names its runner as "
                               "task._target_ (module.function) and task.name")
+    obj.task = task
     return obj
 
 
-def validate(cfg: DictConfig | dict, world_size: Optional[int] = None) -> PlaitConfig:
-    """Schema + cross-field checks; `world_size` is the launcher's if one is present."""
+# Keys that moved into a task family's options: the old spelling gets an error naming the new one.
+MOVED = {"env": "task.env", "trainer.total_steps": "task.total_steps"}
+
+
+def validate_run(cfg: DictConfig | dict, world_size: Optional[int] = None) -> tuple[PlaitConfig, int]:
+    """Everything the CLI checks before a rank starts: the core schema, the task's typed options,
+    every field's choices and range, settings the task does not read, the core rules, and the
+    family's own checks. `world_size` is the launcher's if one started this process. Returns the
+    typed config and the world size the run needs."""
+    from trainer.task import family_of, resolve_target, task_options, unread_settings
+
     typed = to_schema(cfg)
     if world_size is None:
         from trainer.launch.distributed import launcher_world_size
 
         world_size = launcher_world_size()
-    check_combinations(typed, world_size)
-    return typed
+    family = family_of(typed.task["_target_"])
+    resolve_target(typed.task["_target_"])
+    typed.task = task_options(family, typed.task)
+    check_fields(typed)  # every section's choices and ranges, task.* included
+    unread = unread_settings(typed, family, PlaitConfig())
+    if unread:
+        reads = ", ".join(family.reads) or "none of model, data, optim, parallel, trainer"
+        raise ConfigError(f"{', '.join(unread)}: not used by task={typed.task.name} (it reads {reads}); "
+                          "remove the setting, or choose a task that uses it")
+    check_core(typed)
+    return typed, family.check(typed, world_size)
+
+
+def validate(cfg: DictConfig | dict, world_size: Optional[int] = None) -> PlaitConfig:
+    """`validate_run` without the world size."""
+    return validate_run(cfg, world_size)[0]
 
 
 def register_schema() -> None:
-    """Make the schema Hydra's base config (`plait_schema`): the YAML tree then only states what
-    differs from these defaults, and Hydra type-checks every override as it composes."""
+    """Make the schema Hydra's base config (`plait_schema`) and each task family's options
+    `task_options/<family>`: the YAML tree then only states what differs from these defaults, and
+    Hydra type-checks every override as it composes."""
     from hydra.core.config_store import ConfigStore
 
+    from trainer.task import register_options
+
     ConfigStore.instance().store(name="plait_schema", node=PlaitConfig)
+    register_options()
 
 
 def as_dict(cfg: PlaitConfig) -> dict:

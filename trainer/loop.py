@@ -15,10 +15,11 @@ from torch import nn
 from parallel.grad import clip_grad_norm
 from parallel.pipeline import Pipeline
 from parallel.tensor import plain_tensor
+from trainer.boundary import StepBoundary
 from trainer.checkpoint import Checkpointer
 from trainer.config import PlaitConfig
 from trainer.metrics import MetricLogger, memory_gib
-from trainer.launch.preemption import Preempted, PreemptionHandler
+from trainer.launch.preemption import PreemptionHandler
 from trainer.checkpoint.state import Progress
 
 
@@ -141,26 +142,6 @@ class TrainLoop:
             return float("nan")
         return self._mean_over_dp(torch.stack(losses).mean())
 
-    def save(self) -> None:
-        if self.p.checkpointer is None:
-            return
-        path = self.p.checkpointer.save(
-            self.progress.step, self.p.components,
-            counters={"samples": self.progress.samples, "tokens": self.progress.tokens},
-        )
-        background = " (writing in the background)" if self.p.checkpointer.async_save else ""
-        self.logger.text(f"checkpoint: {path}{background}")
-
-    def stop_if_preempted(self, saved: bool) -> None:
-        """At a step boundary: if a preemption signal came, make sure this step is on disk, then stop."""
-        if self.p.preemption is None or not self.p.preemption.requested(self.device):
-            return
-        if not saved:
-            self.save()
-        if self.p.checkpointer is not None:
-            self.p.checkpointer.wait()
-        raise Preempted(self.progress.step, self.p.preemption.received)
-
     def eval_and_sample(self) -> dict:
         loss = self.evaluate()
         out = {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50.0))}
@@ -177,6 +158,18 @@ class TrainLoop:
             history = self.eval_and_sample()
             history["first_eval_loss"] = history["eval/loss"]
             self.logger.log(0, history)
+        boundary = StepBoundary(
+            self.p.checkpointer, self.p.components, every=cfg.checkpoint.every, last=t.max_steps,
+            save_final=cfg.checkpoint.save_final, log=self.logger.text, preemption=self.p.preemption,
+            counters=lambda: {"samples": self.progress.samples, "tokens": self.progress.tokens})
+        try:
+            self._steps(boundary, history)
+        finally:
+            boundary.close()
+        return history
+
+    def _steps(self, boundary: StepBoundary, history: dict) -> None:
+        t = self.cfg.trainer
         window_tokens, window_steps, window_start = 0, 0, time.perf_counter()
         while self.progress.step < t.max_steps:
             loss, norm, tokens = self.train_step()
@@ -198,7 +191,8 @@ class TrainLoop:
                     "lr": self.p.scheduler.get_last_lr()[0],
                     "tok/s": tok_s,
                     "step_time": elapsed / window_steps,
-                    "mfu": self.p.flops_per_token * tok_s / (self.world_size * self.p.peak_flops),
+                    **({"mfu": self.p.flops_per_token * tok_s / (self.world_size * self.p.peak_flops)}
+                       if self.p.peak_flops is not None else {}),  # None: unknown GPU, no made-up MFU
                     "memory_gib": memory_gib(self.device),
                     "tokens": self.progress.tokens,
                 })
@@ -208,18 +202,9 @@ class TrainLoop:
             if metrics:
                 self.logger.log(step, metrics)
                 history.update(metrics)
-            every = cfg.checkpoint.every
-            saved = (every and step % every == 0) or (step == t.max_steps and cfg.checkpoint.save_final)
-            if saved:
-                self.save()
-            elif self.p.checkpointer is not None:
-                self.p.checkpointer.poll()
-            self.stop_if_preempted(bool(saved))
+            boundary(step)
             if window_steps == 0:  # time the next window from here: eval and saves excluded
                 window_start = time.perf_counter()
-        if self.p.checkpointer is not None:
-            self.p.checkpointer.close()
-        return history
 
 
 def _fsdp_wrapped(parts: list[nn.Module]) -> bool:

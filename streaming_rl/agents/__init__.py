@@ -7,15 +7,15 @@ from __future__ import annotations
 from typing import Callable
 
 from streaming_rl.agents.base import AgentSpec, StreamAgent
+from trainer.registry import Registry
 
-AGENTS: dict[str, type[StreamAgent]] = {}
+AGENTS: Registry[type[StreamAgent]] = Registry("stream agent", key="task.agent")
 
 
 def register_agent(name: str) -> Callable[[type[StreamAgent]], type[StreamAgent]]:
+    """`@register_agent("q")`: the class becomes `task.agent=q` (and knows its name)."""
     def add(cls: type[StreamAgent]) -> type[StreamAgent]:
-        if name in AGENTS:
-            raise ValueError(f"agent {name!r} is registered twice ({AGENTS[name].__name__}, {cls.__name__})")
-        AGENTS[name] = cls
+        AGENTS.add(name, cls)
         cls.name = name
         return cls
 
@@ -23,9 +23,7 @@ def register_agent(name: str) -> Callable[[type[StreamAgent]], type[StreamAgent]
 
 
 def build_agent(name: str, spec: AgentSpec) -> StreamAgent:
-    if name not in AGENTS:
-        raise KeyError(f"no agent {name!r}; registered: {', '.join(sorted(AGENTS))}")
-    return AGENTS[name](spec)
+    return AGENTS.get(name)(spec)
 
 
 from streaming_rl.agents import ac, q, sarsa, td  # noqa: E402,F401  (registration)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from streaming_rl.agents import AGENTS, AgentSpec, build_agent
+from trainer.errors import ConfigError
 from streaming_rl.config import StreamConfig
 from streaming_rl.obgd import TRACE
 
@@ -23,7 +24,7 @@ def traces(agent, key):
 
 def test_registry_has_the_four_learners():
     assert sorted(AGENTS) == ["ac", "q", "sarsa", "td"]
-    with pytest.raises(KeyError, match="registered: ac, q, sarsa, td"):
+    with pytest.raises(ConfigError, match="task.agent='dqn' is not a registered stream agent; allowed: ac, q, sarsa, td"):
         build_agent("dqn", spec(gym.spaces.Discrete(2)))
     with pytest.raises(ValueError, match="Discrete"):
         build_agent("q", spec(gym.spaces.Box(-1, 1, (2,))))

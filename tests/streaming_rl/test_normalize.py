@@ -1,29 +1,10 @@
-"""Welford statistics and reward scaling against numpy and the closed forms."""
+"""Observation normalization and reward scaling against numpy and the closed forms."""
 
 import numpy as np
 import pytest
 import torch
 
-from streaming_rl.normalize import (ObservationNormalizer, RewardScaler, RunningMeanVar, normalize, return_trace,
-                                    scale_reward, welford_update, welford_variance)
-
-
-def test_welford_matches_numpy():
-    xs = np.random.default_rng(0).normal(3.0, 2.0, size=(500, 4))
-    n, mean, m2 = 0, np.zeros(4), np.zeros(4)
-    for x in xs:
-        n = welford_update(n, mean, m2, x)
-    np.testing.assert_allclose(mean, xs.mean(0), rtol=1e-12)
-    np.testing.assert_allclose(welford_variance(n, m2), xs.var(0, ddof=1), rtol=1e-10)
-
-
-def test_variance_is_one_until_two_samples():
-    stats = RunningMeanVar((3,))
-    np.testing.assert_array_equal(stats.var, np.ones(3))
-    stats.update(np.array([1.0, 2.0, 3.0]))
-    np.testing.assert_array_equal(stats.var, np.ones(3))
-    stats.update(np.array([3.0, 2.0, 1.0]))
-    np.testing.assert_allclose(stats.var, [2.0, 0.0, 2.0])
+from streaming_rl.normalize import ObservationNormalizer, RewardScaler, normalize, return_trace, scale_reward
 
 
 def test_observation_normalizer_updates_first_then_normalizes():

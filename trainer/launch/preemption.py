@@ -11,8 +11,6 @@ import sys
 import threading
 from typing import Optional
 
-import torch
-import torch.distributed as dist
 
 EXIT_REQUEUE = 75  # sysexits' EX_TEMPFAIL: "try again later"; clusters can set RequeueExit=75
 SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")  # USR2: submitit's warning, 90 s before the time limit
@@ -27,7 +25,8 @@ class Preempted(Exception):
 
 
 class PreemptionHandler:
-    """Records that a preemption signal arrived; the loop acts on it at the next step boundary."""
+    """Records that a preemption signal arrived; the loop acts on it at the next step boundary, where
+    the ranks agree on it (trainer/boundary.py)."""
 
     def __init__(self, signals: tuple[str, ...] = SIGNALS):
         self.received: Optional[str] = None
@@ -40,15 +39,6 @@ class PreemptionHandler:
 
     def _handle(self, signum, frame) -> None:
         self.received = signal.Signals(signum).name
-
-    def requested(self, device: torch.device) -> bool:
-        """True on every rank if any rank got a signal (ranks may receive it at different steps)."""
-        flag = torch.tensor([1 if self.received else 0], device=device)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() and self.received is None:
-            self.received = "a signal on another rank"
-        return bool(flag.item())
 
     def restore(self) -> None:
         for sig, previous in self._previous.items():
