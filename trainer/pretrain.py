@@ -108,7 +108,7 @@ def run(cfg: PlaitConfig, env: DistEnv) -> dict:
     group = dist.new_group(backend="gloo") if dist.is_initialized() else None
     checkpointer = Checkpointer(
         cfg.checkpoint.dir, cfg.checkpoint.keep_last, group=group, async_save=cfg.checkpoint.async_save,
-        meta={"task": cfg.task["name"], "config": as_dict(cfg), "world_size": env.world_size,
+        meta={"task": cfg.task.name, "config": as_dict(cfg), "world_size": env.world_size,
               "layout": {"pp": dims.pp, "dp_replicate": dims.dp_replicate, "dp_shard": dims.dp_shard,
                          "tp": dims.tp}},
     )
