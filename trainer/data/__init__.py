@@ -21,6 +21,7 @@ from trainer.data.corpus import corpus_fingerprint, iter_documents
 from trainer.data.packing import PackedBatches, build_token_cache, load_tokens, split_tokens
 from trainer.data.streaming import StreamingPackedBatches
 from trainer.data.tokenizer import build_tokenizer, eos_id
+from trainer.errors import ConfigError
 
 Batches = Union[PackedBatches, StreamingPackedBatches]
 
@@ -85,7 +86,7 @@ def build_data(cfg: DataConfig, vocab_size: int, batch_size: int, dp_rank: int, 
         # fail at start, not at the first step, if the corpus is too small
         next(StreamingPackedBatches(docs, tok, holdout_every=every, name=name, **shape))
         if every and next(make_val(), None) is None:
-            raise ValueError(f"{name}: the validation documents (every {every}th, data.val_fraction="
+            raise ConfigError(f"{name}: the validation documents (every {every}th, data.val_fraction="
                              f"{cfg.val_fraction}) hold fewer than the {need} tokens one batch needs "
                              "(batch_size*dp_size*(seq_len+1)); lower the batch or set data.val_fraction=0")
         val = make_val if every else no_batches
@@ -95,7 +96,7 @@ def build_data(cfg: DataConfig, vocab_size: int, batch_size: int, dp_rank: int, 
     train_tokens, val_tokens = split_tokens(tokens, cfg.val_fraction)
     for split, part in (("training", train_tokens), ("validation", val_tokens)):
         if len(part) < need and (split == "training" or cfg.val_fraction > 0):
-            raise ValueError(
+            raise ConfigError(
                 f"data.source={cfg.source!r} gives {len(tokens)} tokens (data.max_tokens={cfg.max_tokens}), "
                 f"{len(part)} of them {split} (data.val_fraction={cfg.val_fraction}); one batch needs "
                 f"batch_size*dp_size*(seq_len+1) = {batch_size}*{dp_size}*{cfg.seq_len + 1} = {need} "

@@ -12,7 +12,7 @@ Sources (`data.source`):
 - a directory: every such file below it, sorted by relative path (hidden files and other
   extensions are skipped).
 Files are read with Hugging Face ``datasets`` (``streaming=True`` reads lazily). Empty documents
-are skipped. Bad input raises ``ValueError`` naming the file and what is allowed.
+are skipped. Bad input raises ``ConfigError`` (a ValueError: exit 2 in the CLI) naming the file and what is allowed.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from trainer.data.cache import short_hash
+from trainer.errors import ConfigError
 
 FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 ALLOWED = ("stdlib, or a local .txt/.jsonl/.json/.parquet file (.txt/.jsonl/.json may end in .gz) "
@@ -61,17 +62,17 @@ def corpus_files(source: str) -> list[Path]:
     path = Path(os.path.expanduser(source))
     if path.is_file():
         if file_format(path) is None:
-            raise ValueError(f"data.source={source!r}: unsupported file type {path.name!r}; allowed: {ALLOWED}")
+            raise ConfigError(f"data.source={source!r}: unsupported file type {path.name!r}; allowed: {ALLOWED}")
         return [path]
     if not path.is_dir():
-        raise ValueError(f"data.source={source!r}: no such file or directory; allowed: {ALLOWED}")
+        raise ConfigError(f"data.source={source!r}: no such file or directory; allowed: {ALLOWED}")
     found = []
     for dirpath, dirnames, filenames in os.walk(path):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         found += [Path(dirpath, f) for f in filenames
                   if not f.startswith(".") and file_format(Path(f)) is not None]
     if not found:
-        raise ValueError(f"data.source={source!r}: the directory holds no data files; allowed: {ALLOWED}")
+        raise ConfigError(f"data.source={source!r}: the directory holds no data files; allowed: {ALLOWED}")
     return sorted(found, key=lambda p: p.relative_to(path).as_posix())
 
 
@@ -105,7 +106,7 @@ def iter_documents(source: str, text_field: str = "text", streaming: bool = Fals
                 count += 1
                 yield text
     if count == 0:
-        raise ValueError(f"data.source={source!r}: the corpus has no non-empty documents "
+        raise ConfigError(f"data.source={source!r}: the corpus has no non-empty documents "
                          f"(field {text_field!r} for json/parquet); allowed: {ALLOWED}")
 
 
@@ -123,18 +124,18 @@ def _file_documents(path: Path, text_field: str, streaming: bool) -> Iterator[st
         ds = datasets.load_dataset(fmt, data_files=str(path), split="train", streaming=streaming, **kwargs)
         columns = ds.column_names
         if columns is not None and field not in columns:
-            raise ValueError(f"{path}: no field {field!r} (fields: {', '.join(columns)}); "
+            raise ConfigError(f"{path}: no field {field!r} (fields: {', '.join(columns)}); "
                              "set data.text_field to the field holding the text")
         rows = iter(ds.select_columns([field]) if columns is not None else ds)
         for i, row in enumerate(rows):
             if field not in row:
-                raise ValueError(f"{path}: row {i} has no field {field!r} (fields: {', '.join(row)}); "
+                raise ConfigError(f"{path}: row {i} has no field {field!r} (fields: {', '.join(row)}); "
                                  "set data.text_field to the field holding the text")
             text = row[field]
             if text is None:
                 continue
             if not isinstance(text, str):
-                raise ValueError(f"{path}: row {i} field {field!r} is {type(text).__name__}, not a string")
+                raise ConfigError(f"{path}: row {i} field {field!r} is {type(text).__name__}, not a string")
             if fmt == "text":
                 text = text.strip("\n")
             if text:
@@ -142,6 +143,6 @@ def _file_documents(path: Path, text_field: str, streaming: bool) -> Iterator[st
     except ValueError as err:
         if str(err).startswith(str(path)):
             raise
-        raise ValueError(f"{path}: cannot read as {fmt}: {err}") from err
+        raise ConfigError(f"{path}: cannot read as {fmt}: {err}") from err
     except (datasets.exceptions.DatasetsError, StopIteration, OSError) as err:
-        raise ValueError(f"{path}: cannot read as {fmt}: {err!r}") from err
+        raise ConfigError(f"{path}: cannot read as {fmt}: {err!r}") from err

@@ -18,6 +18,7 @@ from trainer.config import DataConfig
 from trainer.data.cache import atomic_path, cache_root
 from trainer.data.corpus import corpus_fingerprint, iter_documents
 from trainer.data.tokenizer import eos_id, tokenizer_hash
+from trainer.errors import ConfigError
 
 ENCODE_DOCS = 256  # documents per encode_batch call
 ENCODE_BYTES = 1 << 20  # ... or this much text, whichever comes first
@@ -107,7 +108,7 @@ class PackedBatches:
         self.num_windows = len(tokens) // self.window
         self.global_batch = batch_size * dp_size
         if self.num_windows < self.global_batch:
-            raise ValueError(
+            raise ConfigError(
                 f"{len(tokens)} tokens make {self.num_windows} windows of seq_len+1={self.window}; one "
                 f"batch needs batch_size*dp_size={batch_size}*{dp_size}={self.global_batch} windows "
                 f"({self.global_batch * self.window} tokens)")

@@ -24,6 +24,7 @@ from tokenizers import Tokenizer
 
 from trainer.data.packing import encode_batches, token_dtype
 from trainer.data.tokenizer import eos_id
+from trainer.errors import ConfigError
 
 
 def is_heldout(index: int, holdout_every: int) -> bool:
@@ -104,7 +105,7 @@ class StreamingPackedBatches:
             self._next_doc = i + 1
             if self._pending_offset:  # resuming inside document i
                 if i != self._start or self._pending_offset >= len(ids):
-                    raise ValueError(f"{self.name}: the data state does not match the corpus "
+                    raise ConfigError(f"{self.name}: the data state does not match the corpus "
                                      f"(document {i}, offset {self._pending_offset})")
                 self._head, self._buffered = self._pending_offset, self._buffered - self._pending_offset
                 self._pending_offset = 0
@@ -114,7 +115,7 @@ class StreamingPackedBatches:
             raise StopIteration
         if self._from_start and not self._produced:
             split = "validation" if self.heldout else "training"
-            raise ValueError(
+            raise ConfigError(
                 f"{self.name}: the {split} documents hold fewer tokens than one batch needs: "
                 f"batch_size*dp_size*(seq_len+1) = {self.batch_size}*{self.dp_size}*{self.window} = "
                 f"{self.global_batch * self.window}")

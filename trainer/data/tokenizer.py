@@ -16,6 +16,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from trainer.config import DataConfig
 from trainer.data.cache import atomic_path, cache_root, short_hash
 from trainer.data.corpus import corpus_fingerprint, iter_documents
+from trainer.errors import ConfigError
 
 EOS = "<|endoftext|>"
 EOS_CANDIDATES = (EOS, "</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>")
@@ -45,11 +46,11 @@ def load_tokenizer(path: str, vocab_size: int) -> Tokenizer:
     """A tokenizer.json, refused if it has more tokens than the model's embedding has rows."""
     file = os.path.expanduser(path)
     if not os.path.isfile(file):
-        raise ValueError(f"data.tokenizer={path!r}: no such file; allowed: train, or a path to tokenizer.json")
+        raise ConfigError(f"data.tokenizer={path!r}: no such file; allowed: train, or a path to tokenizer.json")
     tok = Tokenizer.from_file(file)
     n = tok.get_vocab_size(with_added_tokens=True)
     if n > vocab_size:
-        raise ValueError(f"data.tokenizer={path!r} has {n} tokens but model.vocab_size={vocab_size}; "
+        raise ConfigError(f"data.tokenizer={path!r} has {n} tokens but model.vocab_size={vocab_size}; "
                          f"set model.vocab_size >= {n}")
     eos_id(tok)  # fail now, not at packing time
     return tok
@@ -70,7 +71,7 @@ def sample_text(cfg: DataConfig) -> Iterator[str]:
 def train_bpe(texts: Iterator[str], vocab_size: int) -> Tokenizer:
     """Byte-level BPE with at most `vocab_size` tokens; `<|endoftext|>` is id 0."""
     if vocab_size < MIN_BPE_VOCAB:
-        raise ValueError(f"model.vocab_size={vocab_size} is too small for a byte-level BPE; "
+        raise ConfigError(f"model.vocab_size={vocab_size} is too small for a byte-level BPE; "
                          f"allowed: >= {MIN_BPE_VOCAB} (256 bytes + {EOS})")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -91,7 +92,7 @@ def eos_id(tok: Tokenizer) -> int:
         idx = tok.token_to_id(name)
         if idx is not None:
             return idx
-    raise ValueError(f"the tokenizer has no end-of-document token; expected one of {', '.join(EOS_CANDIDATES)}")
+    raise ConfigError(f"the tokenizer has no end-of-document token; expected one of {', '.join(EOS_CANDIDATES)}")
 
 
 def tokenizer_hash(tok: Tokenizer) -> str:
