@@ -16,7 +16,8 @@ from typing import Optional
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from parallel.activation_checkpoint import unwrapped_fqn
 from parallel.plan import plan_holder
@@ -37,11 +38,15 @@ def is_meta(model: nn.Module) -> bool:
 
 
 def local_shard(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """The part of the whole tensor `full` that `like` holds: all of it for a plain tensor, a
-    DTensor's local shard (any placements, FSDP x TP's strided ones too) for a DTensor."""
+    """The part of the whole tensor `full` that `like` holds, as a view (no copy): all of it for a
+    plain tensor; for a DTensor the block at its global offset, for any placements (FSDP x TP's
+    strided ones too: each rank's shard is still one block). DTensor's own `distribute_tensor(...,
+    src_data_rank=None)` gives the same values but copies (2-3 whole tensors under FSDP x TP);
+    tests/parallel/test_init.py pins the two against each other."""
     if not isinstance(like, DTensor):
         return full
-    return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None).to_local()
+    shape, offset = compute_local_shape_and_global_offset(like.shape, like.device_mesh, like.placements)
+    return full[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
 
 
 @torch.no_grad()

@@ -183,9 +183,9 @@ def table(model: ModelConfig, work: Workload, hw: Hardware, plans: list[Plan], c
         f"{considered} layouts considered, {len(plans)} valid, {fit} fit"
         + (f"; the best {min(top, len(plans))}:" if top and top < len(plans) else ":"),
         "memory per device in GiB at its peak (phase: act = last loss backward starts, bwd = end of "
-        "backward, opt = optimizer step)",
+        "backward, opt = optimizer step); start = the start-up peak (the rank's shards + one whole parameter)",
     ]
-    head = ("#", "layout", "mb", "params", "grads", "optim", "acts", "other", "peak", "phase", "fits",
+    head = ("#", "layout", "mb", "params", "grads", "optim", "acts", "other", "peak", "phase", "start", "fits",
             "bubble", "step s", "notes")
     rows = []
     for i, p in enumerate(plans[:top or None], 1):
@@ -193,9 +193,9 @@ def table(model: ModelConfig, work: Workload, hw: Hardware, plans: list[Plan], c
         rows.append((str(i), p.layout.describe(), str(m.microbatch_size), _gib(m.params), _gib(m.grads),
                      _gib(m.optimizer), _gib(m.activations), _gib(m.other), _gib(m.peak),
                      {"activations": "act", "end of backward": "bwd", "optimizer step": "opt"}[m.phase],
-                     "yes" if p.fits else "NO", f"{p.bubble:.1%}", f"{p.time.total:.3g}", ", ".join(p.notes)))
+                     _gib(m.startup), "yes" if p.fits else "NO", f"{p.bubble:.1%}", f"{p.time.total:.3g}", ", ".join(p.notes)))
     widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
-    left = {1, 9, 13}
+    left = {1, 9, 14}
     for r in [head] + rows:
         lines.append("  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
                      .rstrip())

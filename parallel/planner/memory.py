@@ -132,6 +132,37 @@ def optimizer_temp_bytes(params: int, largest: int, dp_shard: int, fsdp: bool, f
     return (4 * params if foreach else 8 * largest) / div
 
 
+# --- start-up ---------------------------------------------------------------------------------
+
+def largest_whole_param(model, first: bool, last: bool) -> int:
+    """The largest parameter a rank draws whole at start (parallel/init.py): V·h for the embedding
+    (first stage) or the output (last), else a block matrix, max(h·f, h·a·hd)."""
+    matrix = max(model.dim * model.ffn_dim, model.dim * model.dim)
+    return max(matrix, model.vocab_size * model.dim if first or last else 0)
+
+
+def rope_bytes(model, chunks: int) -> float:
+    """Each model chunk's RoPE tables: cos and sin, fp32 [max_seq_len, head_dim]."""
+    return chunks * 2 * 4 * model.max_seq_len * (model.dim // model.n_heads)
+
+
+def startup_bytes(model, layout: Layout, pp_rank: int = 0) -> float:
+    """Start-up peak of a rank (meta model -> parallelize -> allocate and initialise its shards,
+    parallel/init.py): its own fp32 shards, plus the one whole parameter being drawn (the largest)
+    and the RoPE tables: 4·P_local + 4·P_max + rope. DDP materialises the stage whole and then
+    broadcasts it in coalesced buffers (rank 0 holds two more copies): 12·P + 2·rope. ZeRO also
+    materialises the stage whole before `deepspeed.initialize` partitions it (counted as
+    4·P + 4·P_max + rope, the materialised model, not ZeRO's own flattening)."""
+    lay = layout
+    st = stage_params(model, lay.pp, lay.tp, lay.virtual_stages, pp_rank)
+    local = weight_bytes(st.total, lay.dp_shard, lay.fsdp)
+    rope = rope_bytes(model, lay.virtual_stages if lay.pp > 1 else 1)
+    drawing = local + 4 * largest_whole_param(model, st.first, st.last) + rope
+    if lay.dp_backend == "ddp" and lay.dp > 1:
+        return max(drawing, 3 * local + 2 * rope)
+    return drawing
+
+
 # --- activations ------------------------------------------------------------------------------
 
 def layer_activation_bytes(s: int, b: int, model, t: int = 1, sp: bool = False,
@@ -223,6 +254,7 @@ class MemoryEstimate:
     pp_rank: int
     microbatch_size: int
     in_flight: int  # chunk-microbatches whose activations are held at once
+    startup: float = 0.0  # the start-up peak, before the first step (`startup_bytes`; not in `peak`)
 
 
 def microbatch_size(layout: Layout, batch_size: int) -> int:
@@ -331,5 +363,5 @@ def memory_per_device(model, layout: Layout, work: Workload, hw: Hardware = Hard
     g, a, other = phases[phase]
     return MemoryEstimate(params=params, grads=g, optimizer=optim, activations=a, other=other,
                           peak=params + optim + g + a + other, phase=phase, pp_rank=pp_rank,
-                          microbatch_size=b, in_flight=in_flight)
+                          microbatch_size=b, in_flight=in_flight, startup=startup_bytes(model, lay, pp_rank))
 

@@ -81,10 +81,11 @@ def communication_notes(layout: Layout, hw: Hardware) -> list[str]:
 
 
 def evaluate(model, layout: Layout, work: Workload, hw: Hardware, flops_per_token: float) -> Plan:
-    """Memory (the worst pipeline rank), step time, bubble and fit of one layout."""
+    """Memory (the worst pipeline rank), step time, bubble and fit (of the step's peak and of the
+    start-up peak) of one layout."""
     memory = memory_per_device(model, layout, work, hw)
     return Plan(layout=layout, memory=memory, time=step_time(model, layout, work, hw, flops_per_token),
-                fits=memory.peak <= hw.memory_bytes * (1 - hw.headroom),
+                fits=max(memory.peak, memory.startup) <= hw.memory_bytes * (1 - hw.headroom),
                 bubble=bubble_fraction(layout.schedule, layout.pp, layout.virtual_stages, layout.microbatches),
                 notes=communication_notes(layout, hw))
 
