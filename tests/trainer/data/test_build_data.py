@@ -72,7 +72,7 @@ def test_not_enough_tokens_names_source_count_and_need(cache_dir):
 def test_out_of_range_config_is_refused(cache_dir, key, value):
     from trainer.config import ConfigError, validate
 
-    with pytest.raises(ConfigError, match=rf"data.{key}={value} must be"):
+    with pytest.raises(ConfigError, match=rf"data.{key}={value} is out of range; allowed: "):
         validate({"data": {"cache_dir": cache_dir, key: value}})
 
 
