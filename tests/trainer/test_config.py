@@ -30,6 +30,19 @@ def test_defaults_validate():
         ({"data": {"tokenizer": "/no/tok.json"}}, ["data.tokenizer"]),
         ({"checkpoint": {"resume": "/no/such/step"}}, ["checkpoint.resume", "latest"]),
         ({"task": {"_target_": ""}}, ["task._target_"]),
+        ({"optim": {"lr": -1.0}}, ["optim.lr=-1.0", "a number > 0"]),
+        ({"optim": {"beta2": 1.0}}, ["optim.beta2=1.0", "[0, 1)"]),
+        ({"optim": {"min_lr_ratio": 2.0}}, ["optim.min_lr_ratio", "[0, 1]"]),
+        ({"model": {"norm_eps": 0.0}}, ["model.norm_eps", "> 0"]),
+        ({"parallel": {"microbatches": 0}}, ["parallel.microbatches=0", ">= 1, or -1 for pp"]),
+        ({"trainer": {"peak_flops": -1.0}}, ["trainer.peak_flops", ">= 0"]),
+        ({"launcher": {"timeout_min": 0}}, ["launcher.timeout_min", ">= 1"]),
+        ({"checkpoint": {"keep_last": -1}}, ["checkpoint.keep_last", "0 to keep all"]),
+        ({"device": "tpu"}, ["device='tpu'", "auto, cpu, cuda, cuda:N"]),
+        ({"device": "cuda:x"}, ["device='cuda:x'"]),
+        ({"model": {"name": "mamba_1b"}}, ["model.name='mamba_1b'", "llama"]),
+        ({"env": "Hopper-v5"}, ["env (now task.env)"]),
+        ({"trainer": {"total_steps": 5}}, ["trainer.total_steps", "task.total_steps"]),
     ],
 )
 def test_bad_values_name_the_key(override, words):
@@ -44,3 +57,21 @@ def test_world_size_from_launcher_must_match():
         validate({"parallel": {"dp_shard": 2}}, world_size=4)
     assert validate({"parallel": {"dp_shard": -1}}, world_size=4).parallel.dp_shard == 4
     assert validate({"parallel": {"dp_shard": -1}}).parallel.dp_shard == 1
+
+
+def test_the_core_schema_holds_no_family_field():
+    from trainer.config import PlaitConfig, TrainerConfig
+
+    assert "env" not in PlaitConfig.__dataclass_fields__
+    assert "total_steps" not in TrainerConfig.__dataclass_fields__
+
+
+def test_range_descriptions():
+    from trainer.config import Bounds
+
+    assert Bounds(ge=0, lt=1).describe(False) == "a number in [0, 1)"
+    assert Bounds(gt=0, le=1).describe(False) == "a number in (0, 1]"
+    assert Bounds(ge=1).describe(True) == "an integer >= 1"
+    assert Bounds(gt=0).describe(False) == "a number > 0"
+    assert Bounds(ge=1, also=(-1,), note="-1 for all").describe(True) == "an integer >= 1, or -1 for all"
+    assert Bounds(ge=1, also=(-1,)).allows(-1) and not Bounds(ge=1, also=(-1,)).allows(0)
