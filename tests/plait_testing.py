@@ -65,18 +65,19 @@ def logged(run_dir, key: str = "loss") -> dict[int, float]:
     return {r["step"]: r[key] for r in rows if key in r}
 
 
-def plait_process(*args: str, cwd) -> subprocess.Popen:
-    """`python -m trainer` on the tiny config, as a user starts it (flags first, then overrides)."""
+def plait_process(*args: str, cwd, tiny: bool = True) -> subprocess.Popen:
+    """`python -m trainer` (on the tiny pretraining config unless `tiny=False`), as a user starts it
+    (flags first, then overrides)."""
     import sys
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     flags = [a for a in args if a.startswith("-")]
     overrides = [a for a in args if not a.startswith("-")]
-    return subprocess.Popen([sys.executable, "-m", "trainer", *flags, *TINY, *overrides], cwd=cwd, env=env,
+    return subprocess.Popen([sys.executable, "-m", "trainer", *flags, *(TINY if tiny else []), *overrides], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def plait_run(*args: str, cwd, timeout: float = 300) -> subprocess.CompletedProcess:
-    proc = plait_process(*args, cwd=cwd)
+def plait_run(*args: str, cwd, timeout: float = 300, tiny: bool = True) -> subprocess.CompletedProcess:
+    proc = plait_process(*args, cwd=cwd, tiny=tiny)
     out, err = proc.communicate(timeout=timeout)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)

@@ -452,7 +452,8 @@ def validate_run(cfg: DictConfig | dict, world_size: Optional[int] = None) -> tu
     unread = unread_settings(typed, family, PlaitConfig())
     if unread:
         reads = ", ".join(family.reads) or "none of model, data, optim, parallel, trainer"
-        raise ConfigError(f"{', '.join(unread)}: not used by task={typed.task.name} (it reads {reads}); "
+        shown = ", ".join(unread[:6]) + (f" (and {len(unread) - 6} more)" if len(unread) > 6 else "")
+        raise ConfigError(f"{shown}: not used by task={typed.task.name} (it reads {reads}); "
                           "remove the setting, or choose a task that uses it")
     check_core(typed)
     return typed, family.check(typed, world_size)
