@@ -21,7 +21,7 @@ from parallel.activation_checkpoint import apply_ac
 from parallel.data_parallel import apply_ddp, apply_fsdp
 from parallel.init import draw_seed, is_meta, materialize
 from parallel.pipeline import ChunksView, Pipeline, build_pipeline, split_model, stage_ids
-from parallel.plan import is_wrapped
+from parallel.plan import is_wrapped, plan_holder
 from parallel.tensor import apply_tp
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -97,6 +97,18 @@ def parallelize_problem(model: nn.Module, mesh: Optional[DeviceMesh], parallel,
     the model object itself), or None."""
     if parallel.dp_backend not in DP_BACKENDS:
         return f"parallel.dp_backend={parallel.dp_backend!r}; allowed: {', '.join(DP_BACKENDS)}"
+    holder = type(plan_holder(model)).__qualname__
+    needs = [what for what, used in (("pipeline parallelism", mesh is not None and parallel.pp > 1),
+                                     ("FSDP", mesh is not None and _fsdp(parallel)),
+                                     ("activation checkpointing", parallel.activation_checkpoint != "none")) if used]
+    if needs and not hasattr(plan_holder(model), "stage_structure"):
+        return (f"{holder} declares no `stage_structure` (parallel/plan.py), which {' and '.join(needs)} "
+                "need: the block list to split, shard or recompute")
+    if mesh is not None and parallel.tp > 1 and not hasattr(plan_holder(model), "tp_plan"):
+        return f"parallel.tp={parallel.tp}: {holder} declares no `tp_plan(sequence_parallel)` (parallel/plan.py)"
+    if is_meta(model) and not hasattr(plan_holder(model), "init_param"):
+        return (f"{holder} is on the meta device but declares no `init_param(fqn, weight, generator)` "
+                "(parallel/plan.py): build it materialised, or give it one")
     if mesh is None:
         return None
     if is_wrapped(model) and (parallel.tp > 1 or parallel.pp > 1):

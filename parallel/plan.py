@@ -45,8 +45,8 @@ class TensorParallelPlan:
 def plan_holder(model: nn.Module) -> nn.Module:
     """The module that declares the plan: the model, or the base model inside a peft wrapper
     (PeftModel / LoraModel), whose submodule names the plan uses."""
-    inner = model
-    while not hasattr(inner, "stage_structure") and hasattr(inner, "get_base_model"):
+    inner = model  # unwrapped first: a PeftModel forwards unknown attributes to the base model
+    while hasattr(inner, "get_base_model") and inner.get_base_model() is not inner:
         inner = inner.get_base_model()
     return inner
 
