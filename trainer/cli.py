@@ -12,8 +12,10 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 import configs
+from trainer.atomic import write_text_atomic
 from trainer.config import MOVED, ConfigError, PlaitConfig, as_dict, register_schema, validate_run
 from trainer.errors import EXIT_BAD_INPUT
+from trainer.launch.accelerate import accelerate_overrides
 from trainer.launch.distributed import detect_launcher, launcher_world_size
 from trainer.launch.rank import run_rank
 from trainer.launch.spawn import spawn_local
@@ -32,10 +34,7 @@ def save_resolved(cfg: PlaitConfig) -> None:
     """The resolved config next to the run's outputs (Hydra's .hydra/ keeps the unresolved one)."""
     if int(os.environ.get("RANK", "0")) != 0:
         return
-    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-    tmp = Path(cfg.run_dir) / ".config.yaml.tmp"
-    tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(as_dict(cfg))))
-    os.replace(tmp, Path(cfg.run_dir) / "config.yaml")
+    write_text_atomic(Path(cfg.run_dir) / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(as_dict(cfg))))
 
 
 def preflight(cfg: PlaitConfig) -> None:
@@ -78,7 +77,8 @@ def submit_to_slurm(cfg: PlaitConfig, cfg_dict: dict, world: int) -> None:
 
 def launch(raw: DictConfig) -> None:
     try:
-        cfg, world = validate_run(raw, launcher_world_size())
+        # accelerate's choices first, so that validation judges what will run
+        cfg, world = validate_run(accelerate_overrides(raw), launcher_world_size())
     except ConfigError as err:
         fail(f"bad config: {err}")
     cfg_dict = as_dict(cfg)
