@@ -44,6 +44,7 @@ from torch import nn
 from torch.distributed.pipelining import PipelineStage
 
 from parallel.pipeline import SCHEDULES, build_pipeline, schedule_problem, split_model, stage_ids
+from parallel.plan import StageStructure
 from trainer.launch.forked import run_ranks
 
 LAYERS = 16  # enough for p=4 x v=4 chunks of one layer each
@@ -117,7 +118,9 @@ class SleepLayer(nn.Module):
 
 class SleepModel(nn.Module):
     """What `split_model` cuts (tok_embeddings / layers / norm / output, any of the ends None on a
-    chunk); each chunk sleeps once per microbatch for all its layers."""
+    chunk, as its `stage_structure` declares); each chunk sleeps once per microbatch for all its layers."""
+
+    stage_structure = StageStructure(blocks="layers", first=("tok_embeddings",), last=("norm", "output"))
 
     def __init__(self, layer_fwd_s: float, layer_bwd_s: float):
         super().__init__()
