@@ -1,7 +1,8 @@
 """Run metrics: a live progress bar, `metrics.jsonl` in the run directory, and W&B (rank 0 only).
 
 Also the throughput arithmetic: MFU = achieved model FLOP/s over the device's peak (on CPU, a
-measured fp32 matmul peak, since there is no datasheet figure for "2 shared cores").
+measured fp32 matmul peak, since there is no datasheet figure for "2 shared cores"; for a GPU not
+in the table, unknown unless trainer.peak_flops gives it: no guessed peak, no made-up MFU).
 """
 
 from __future__ import annotations
@@ -9,15 +10,17 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import secrets
 import sys
 import time
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import psutil
 import torch
+import torch.distributed as dist
 
 from trainer.config import LoggerConfig
 
@@ -37,16 +40,35 @@ def measured_cpu_peak(n: int = 1024, reps: int = 8) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
-def peak_flops(device: torch.device, override: float = 0.0) -> float:
+def gpu_peak(name: str) -> Optional[float]:
+    """The table's peak for a GPU named `name` (torch.cuda.get_device_name), or None if not in it."""
+    for key, value in GPU_PEAK_BF16.items():
+        if re.search(rf"\b{key}\b", name):  # whole words: L4 is not L40S, H200 is not GH200
+            return value
+    return None
+
+
+def peak_flops(device: torch.device, override: float = 0.0) -> Optional[float]:
+    """Peak FLOP/s of one device for MFU: `override` (trainer.peak_flops) if set, the datasheet
+    figure of a known GPU, a measured matmul peak on CPU; None (MFU unknown) for another GPU."""
     if override > 0:
         return override
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, value in GPU_PEAK_BF16.items():
-            if key in name:
-                return value
-        return 312e12
-    return measured_cpu_peak()
+    if device.type != "cuda":
+        return measured_cpu_peak()
+    name = torch.cuda.get_device_name(device)
+    peak = gpu_peak(name)
+    if peak is None:
+        _note_unknown_gpu(name)
+    return peak
+
+
+@lru_cache(maxsize=None)
+def _note_unknown_gpu(name: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        known = ", ".join(GPU_PEAK_BF16)
+        print(f"plait: note: no peak FLOP/s known for GPU {name!r} (known: {known}); MFU is not reported. "
+              "Set trainer.peak_flops=<dense bf16 FLOP/s per device from its datasheet> to report it",
+              file=sys.stderr, flush=True)
 
 
 def memory_gib(device: torch.device) -> float:

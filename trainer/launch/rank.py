@@ -4,64 +4,111 @@ accelerate, srun, submitit): validate, bring up the process group, seed, run the
 
 from __future__ import annotations
 
+import importlib
+import json
 import os
 import sys
+import time
+from typing import Optional
 
 import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from trainer.checkpoint import CheckpointError
-from trainer.config import PlaitConfig, validate
-from trainer.errors import EXIT_BAD_INPUT
-from trainer.launch.distributed import init_distributed, seed_everything
+from trainer.config import validate
+from trainer.errors import EXIT_BAD_INPUT, ConfigError
+from trainer.launch.accelerate import accelerate_overrides
+from trainer.launch.distributed import DistEnv, init_distributed, launcher_world_size, seed_everything
 from trainer.launch.preemption import EXIT_REQUEUE, Preempted, requeue_slurm_job
 
 
-def apply_accelerate_env(cfg: PlaitConfig) -> None:
-    """`accelerate launch` records its choices in ACCELERATE_* variables (its ranks come through the
-    torchrun variables): its CPU and bf16 choices replace the config's defaults."""
-    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") and cfg.device == "auto":
-        cfg.device = "cpu"
-    precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-    if precision == "bf16" and cfg.trainer.precision == "fp32":
-        cfg.trainer.precision = "bf16"
-    elif precision not in ("no", "bf16"):
-        print(f"plait: ACCELERATE_MIXED_PRECISION={precision} is not supported; "
-              f"training in trainer.precision={cfg.trainer.precision} (allowed: fp32, bf16)", file=sys.stderr)
-
-
 def resolve_target(path: str):
-    """Import `module.function` named by a task config's `_target_`."""
+    """The runner a task config's `_target_` names (`module.function`); ConfigError if there is none."""
     module, _, name = path.rpartition(".")
+    if not module or not name:
+        raise ConfigError(f"task._target_={path!r} is not a module.function path (e.g. trainer.pretrain.run)")
     try:
-        mod = __import__(module, fromlist=[name])
-        return getattr(mod, name)
-    except (ImportError, AttributeError) as err:
-        raise ImportError(f"task._target_={path!r} cannot be imported: {err}") from err
+        target = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, TypeError, ValueError) as err:  # Type/Value: a relative '..x'
+        raise ConfigError(f"task._target_={path!r} cannot be imported: {err}") from None
+    if not callable(target):
+        raise ConfigError(f"task._target_={path!r} is a {type(target).__name__}, not a runner function")
+    return target
 
 
-@record
+def target_of(cfg) -> str:
+    """`task._target_`, whether the task section is still a dict or already its family's options."""
+    return cfg.task["_target_"] if isinstance(cfg.task, dict) else cfg.task._target_
+
+
+def rank_prefix(env: Optional[DistEnv]) -> str:
+    """'[rank N] ' when several ranks may print the same error, else ''. Before the group is up
+    (validation failed), the launcher's environment says."""
+    if env is not None:
+        rank, world = env.rank, env.world_size
+    else:
+        rank = int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0)
+        world = launcher_world_size() or 1
+    return f"[rank {rank}] " if world > 1 else ""
+
+
+def record_exit(message: str) -> None:
+    """Write torch elastic's per-rank error record (its plain-message shape) for an exit that is no
+    exception: the launcher orders failures by their records, so this rank's must precede the
+    errors its leaving causes in its peers."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        with open(path, "w") as f:
+            json.dump({"message": message, "timestamp": int(time.time())}, f)
+
+
+def bad_input(what: str, err: Exception, env: Optional[DistEnv]) -> SystemExit:
+    line = f"plait: error: {rank_prefix(env)}{what}: {err}"
+    record_exit(line)
+    print(line, file=sys.stderr, flush=True)
+    return SystemExit(EXIT_BAD_INPUT)
+
+
 def run_rank(cfg_dict: dict) -> None:
     """Entry point of every rank: validate, init the process group, run the task, tear down.
 
-    Exit status: 0 done, 2 bad input (config or checkpoint), 75 preempted and saved (requeue me).
+    Exit status: 0 done, 2 bad input (config or checkpoint; one `plait: error:` line, found while
+    validating, choosing the device or inside the task), 75 preempted and saved (requeue me).
     """
-    cfg = validate(cfg_dict)
-    apply_accelerate_env(cfg)
-    env = init_distributed(cfg)
-    seed_everything(cfg.seed)
     try:
-        resolve_target(cfg.task["_target_"])(cfg, env)
+        _run(cfg_dict)
+    except Exception:
+        # The group goes with the process: torn down now, the peers' collectives would fail before
+        # torch elastic's own `record` around this function rewrites this rank's error record, and
+        # the launcher, which orders failures by their records, would blame a peer.
+        raise
+    except BaseException:  # SystemExit 2 or 75 (recorded by record_exit), KeyboardInterrupt
+        _destroy_group()
+        raise
+    _destroy_group()
+
+
+def _destroy_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@record
+def _run(cfg_dict: dict) -> None:
+    env = None
+    try:
+        cfg = validate(accelerate_overrides(cfg_dict))
+        env = init_distributed(device=cfg.device)
+        seed_everything(cfg.seed)
+        resolve_target(target_of(cfg))(cfg, env)
+    except ConfigError as err:
+        raise bad_input("bad config", err, env) from None
     except CheckpointError as err:
-        prefix = f"[rank {env.rank}] " if env.world_size > 1 else ""
-        print(f"plait: error: {prefix}bad checkpoint: {err}", file=sys.stderr, flush=True)
-        raise SystemExit(EXIT_BAD_INPUT) from None
+        raise bad_input("bad checkpoint", err, env) from None
     except Preempted as stop:
         requeue = requeue_slurm_job()
-        if env.is_main:
+        record_exit(f"{stop}; checkpoint saved")
+        if env is None or env.is_main:
             print(f"plait: {stop}; checkpoint saved"
                   f"{', job requeued' if requeue else ''}; exiting {EXIT_REQUEUE}", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_REQUEUE) from None
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()

@@ -1,7 +1,10 @@
-"""Plait spawning its own ranks on one machine, as `torchrun --standalone` does."""
+"""Plait spawning its own ranks on one machine, as `torchrun --standalone` does, and saying which
+rank failed and why when one does (trainer/launch/failures.py)."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import sys
 import uuid
@@ -10,13 +13,40 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 from trainer.errors import EXIT_BAD_INPUT
 from trainer.launch.distributed import cuda_available
+from trainer.launch.failures import ExitWatch, announce, report, root_cause
 from trainer.launch.preemption import EXIT_REQUEUE
 from trainer.launch.rank import run_rank
+
+EXIT_RANK_FAILED = 1  # as torchrun's: a rank failed; the report above says which and how
+# The agent logs each failure it observes with a traceback of its own; `report` replaces that.
+ELASTIC_FAILURE_LOG = "torch.distributed.elastic.multiprocessing.api"
+
+
+def rank_entry(cfg_dict: dict, watch_dir: str) -> None:
+    """What each spawned rank runs: tell the launcher who it is, then be a rank."""
+    announce(watch_dir, int(os.environ["LOCAL_RANK"]))
+    run_rank(cfg_dict)
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str):
+    log = logging.getLogger(logger_name)
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def spawn_local(world_size: int, cfg_dict: dict) -> None:
     """Start `world_size` ranks on this machine with torch's elastic agent (as `torchrun
-    --standalone` does); a failing rank stops the others and its traceback is shown."""
+    --standalone` does). A failing rank stops the others; the rank that failed on its own is
+    named with how it ended (exit code, or the signal and what it suggests) and its traceback.
+
+    Exit status: 0 done; the rank's own 2 (bad input) or 75 (preempted, requeue), which it has
+    already explained; else EXIT_RANK_FAILED.
+    """
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     gpu = cuda_available()
@@ -36,14 +66,16 @@ def spawn_local(world_size: int, cfg_dict: dict) -> None:
     if not gpu:
         # Ranks on a CPU box share its cores: one thread each unless the user says otherwise.
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world_size)))
-    try:
-        elastic_launch(config, entrypoint=run_rank)(cfg_dict)
-    except ChildFailedError as err:
-        failure = min(err.failures.items())[1]
-        if failure.exitcode in (EXIT_BAD_INPUT, EXIT_REQUEUE):  # already explained by the rank
-            raise SystemExit(failure.exitcode) from None
-        print(f"\nrank {failure.local_rank} failed (exit code {failure.exitcode}):", file=sys.stderr)
-        print(failure.error_file_data.get("message", {}).get("extraInfo", {}).get("py_callstack", "")
-              if isinstance(failure.error_file_data, dict) and failure.error_file_data else
-              "(no traceback recorded; see the rank's output above)", file=sys.stderr)
-        raise SystemExit(1) from None
+    with ExitWatch() as watch:
+        try:
+            with _quiet(ELASTIC_FAILURE_LOG):
+                elastic_launch(config, entrypoint=rank_entry)(cfg_dict, watch.dir)
+            return
+        except ChildFailedError as err:
+            elastic_failures = err.failures
+    exits = watch.failures(elastic_failures)
+    root = root_cause(exits)
+    if root.exitcode in (EXIT_BAD_INPUT, EXIT_REQUEUE):  # already explained by the rank
+        raise SystemExit(root.exitcode)
+    print(report(exits), file=sys.stderr, flush=True)
+    raise SystemExit(EXIT_RANK_FAILED)
