@@ -82,3 +82,36 @@ def test_ac_matches_the_reference(bench):
     assert max_diff(actor.parameters(), [*ref.actor.body.parameters(), *ref.actor.mu.parameters(),
                                          *ref.actor.pre_std.parameters()]) < 1e-4
     assert max_diff(critic.parameters(), ref.critic.parameters()) < 1e-4
+
+
+def test_stored_seeds_are_reused_only_from_the_same_code(bench, tmp_path, monkeypatch):
+    job = ("stream_q", "q", "CartPole-v1", 0, 300, {"lr": 1.0}, str(tmp_path))
+    run = bench.learning_run(job)
+    assert run["diverged_at"] is None and run["episodes"] and run["code"] == bench.code_version()
+    assert bench.finished(job)
+    assert not bench.finished((*job[:4], 400, *job[5:]))  # other steps
+    monkeypatch.setattr(bench, "code_version", lambda: "another-commit")
+    assert not bench.finished(job)
+
+
+def test_bad_options_are_not_counted_as_divergence(bench, tmp_path):
+    from trainer.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="task.lr"):
+        bench.learning_run(("stream_q", "q", "CartPole-v1", 0, 300, {"lr": -1.0}, str(tmp_path)))
+    assert not list(tmp_path.rglob("bench_result.json"))
+
+
+@pytest.mark.parametrize("code", [2, 75])
+def test_only_exit_1_is_divergence(bench, tmp_path, monkeypatch, code):
+    import streaming_rl.run
+
+    def stops(cfg, env):
+        raise SystemExit(code)
+
+    monkeypatch.setattr(streaming_rl.run, "run", stops)
+    with pytest.raises(SystemExit) as exit_:
+        bench.learning_run(("stream_q", "q", "CartPole-v1", 0, 300, {}, str(tmp_path)))
+    assert exit_.value.code == code and not list(tmp_path.rglob("bench_result.json"))
+    monkeypatch.setattr(streaming_rl.run, "run", lambda cfg, env: (_ for _ in ()).throw(SystemExit(1)))
+    assert bench.learning_run(("stream_q", "q", "CartPole-v1", 0, 300, {}, str(tmp_path)))["diverged_at"] == 0
