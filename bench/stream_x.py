@@ -329,6 +329,7 @@ def learning_run(job):
         diverged = episodes[-1][0] if episodes else 0
     summary = {"diverged_at": diverged, "seconds": time.perf_counter() - start,
                "steps": steps, "options": extra, "code": code_version()}
+    run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "bench_result.json").write_text(json.dumps(summary))
     return {"label": label, "seed": seed, "episodes": episodes, **summary}
 
