@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 from trainer.config import PlaitConfig, check_combinations, check_data
-from trainer.errors import ConfigError
 from trainer.task import OPTIONAL_SECTIONS, TaskFamily, TaskOptions
 
 
@@ -20,10 +19,7 @@ class PretrainOptions(TaskOptions):
 def check(cfg: PlaitConfig, launcher_world: Optional[int]) -> int:
     from trainer.models import model_class
 
-    try:
-        model_class(cfg.model.name)
-    except ValueError as err:  # the registry names the key and what is registered
-        raise ConfigError(str(err)) from None
+    model_class(cfg.model.name)  # an unknown name: ConfigError naming model.name and the registered ones
     check_data(cfg.data)
     return check_combinations(cfg, launcher_world)
 
