@@ -32,5 +32,4 @@ def check(cfg: PlaitConfig, launcher_world: Optional[int]) -> int:
     return 1
 
 
-FAMILY = TaskFamily(name="stream", options=StreamConfig, runners=("streaming_rl.run.run",), check=check,
-                    summary="stream-x online RL: stream TD(λ), Q(λ), SARSA(λ), AC(λ) with ObGD")
+FAMILY = TaskFamily(name="stream", options=StreamConfig, runners=("streaming_rl.run.run",), check=check)

@@ -25,5 +25,4 @@ def check(cfg: PlaitConfig, launcher_world: Optional[int]) -> int:
 
 
 FAMILY = TaskFamily(name="pretrain", options=PretrainOptions, runners=("trainer.pretrain.run",),
-                    reads=OPTIONAL_SECTIONS, check=check,
-                    summary="Llama pretraining on tensor x interleaved-pipeline x data parallelism")
+                    reads=OPTIONAL_SECTIONS, check=check)

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol
 
@@ -86,7 +86,6 @@ class TaskFamily:
     runners: tuple[str, ...]  # the `_target_`s whose `task.*` these options are
     reads: tuple[str, ...] = ()  # core sections (or section.key) read besides ALWAYS_READ
     check: Callable[["PlaitConfig", Optional[int]], int] = _one_process
-    summary: str = ""  # one line for `plait --help`-like listings and errors
 
 
 FAMILIES: Registry[TaskFamily] = Registry("task family")
