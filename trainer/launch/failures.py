@@ -80,11 +80,10 @@ def recorded_traceback(data: Any) -> Optional[str]:
 def from_elastic(failures: dict) -> list[RankExit]:
     """The ranks torch elastic's ChildFailedError names (`err.failures`: global rank ->
     ProcessFailure), as RankExits; its `timestamp` (seconds) stands in for the time seen."""
-    return [RankExit(local_rank=getattr(f, "local_rank", rank), pid=getattr(f, "pid", -1),
-                     exitcode=getattr(f, "exitcode", 1),
-                     error_file=f.error_file if os.path.isfile(getattr(f, "error_file", "") or "") else "",
-                     seen_ns=int(getattr(f, "timestamp", 0) or 0) * 10**9)
-            for rank, f in sorted(failures.items())]
+    return [RankExit(local_rank=f.local_rank, pid=f.pid, exitcode=f.exitcode,
+                     error_file=f.error_file if os.path.isfile(f.error_file) else "",
+                     seen_ns=int(f.timestamp) * 10**9)
+            for _, f in sorted(failures.items())]
 
 
 # --------------------------------------------------------------------------- blame

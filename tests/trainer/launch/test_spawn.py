@@ -13,6 +13,7 @@ import time
 
 import psutil
 import pytest
+import torch
 from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
 import trainer.pretrain
@@ -199,3 +200,13 @@ def test_a_rank_killed_by_sigkill_is_named_with_the_signal_and_memory(tmp_path, 
     assert re.search(rf"plait: error: rank [01] \(pid {killed.pid}\) was killed by SIGKILL \(signal 9\): "
                      "out of memory\\?", err), err[-3000:]
     assert "Traceback" not in err, err[-3000:]  # neither the launcher's nor the agent's, nor the peer's
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_on_a_machine_without_it_exits_2_from_spawned_ranks_without_a_traceback(tmp_path):
+    proc = plait_process("parallel.dp_shard=2", "trainer.max_steps=2", "device=cuda", cwd=tmp_path)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == EXIT_BAD_INPUT, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("plait: error:")]
+    assert errors and all("device=cuda but CUDA is not available" in line for line in errors), err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
