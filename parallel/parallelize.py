@@ -97,27 +97,32 @@ def parallelize_problem(model: nn.Module, mesh: Optional[DeviceMesh], parallel,
     the model object itself), or None."""
     if parallel.dp_backend not in DP_BACKENDS:
         return f"parallel.dp_backend={parallel.dp_backend!r}; allowed: {', '.join(DP_BACKENDS)}"
-    holder = type(plan_holder(model)).__qualname__
-    needs = [what for what, used in (("pipeline parallelism", mesh is not None and parallel.pp > 1),
-                                     ("FSDP", mesh is not None and _fsdp(parallel)),
+    if mesh is not None and parallel.pp > 1 and loss_fn is None:
+        return "parallel.pp > 1 needs loss_fn: the last pipeline stage computes the loss"
+    return plan_problem(model, mesh, parallel)
+
+
+def plan_problem(model: nn.Module, mesh: Optional[DeviceMesh], parallel) -> Optional[str]:
+    """What the layout needs from the model that it does not declare (parallel/plan.py), or None."""
+    holder = plan_holder(model)
+    name = type(holder).__qualname__
+    distributed = mesh is not None
+    needs = [what for what, used in (("pipeline parallelism", distributed and parallel.pp > 1),
+                                     ("FSDP", distributed and _fsdp(parallel)),
                                      ("activation checkpointing", parallel.activation_checkpoint != "none")) if used]
-    if needs and not hasattr(plan_holder(model), "stage_structure"):
-        return (f"{holder} declares no `stage_structure` (parallel/plan.py), which {' and '.join(needs)} "
+    if needs and not hasattr(holder, "stage_structure"):
+        return (f"{name} declares no `stage_structure` (parallel/plan.py), which {' and '.join(needs)} "
                 "need: the block list to split, shard or recompute")
-    if mesh is not None and parallel.tp > 1 and not hasattr(plan_holder(model), "tp_plan"):
-        return f"parallel.tp={parallel.tp}: {holder} declares no `tp_plan(sequence_parallel)` (parallel/plan.py)"
-    if is_meta(model) and not hasattr(plan_holder(model), "init_param"):
-        return (f"{holder} is on the meta device but declares no `init_param(fqn, weight, generator)` "
+    if distributed and parallel.tp > 1 and not hasattr(holder, "tp_plan"):
+        return f"parallel.tp={parallel.tp}: {name} declares no `tp_plan(sequence_parallel)` (parallel/plan.py)"
+    if is_meta(model) and not hasattr(holder, "init_param"):
+        return (f"{name} is on the meta device but declares no `init_param(fqn, weight, generator)` "
                 "(parallel/plan.py): build it materialised, or give it one")
-    if mesh is None:
-        return None
-    if is_wrapped(model) and (parallel.tp > 1 or parallel.pp > 1):
+    if distributed and is_wrapped(model) and (parallel.tp > 1 or parallel.pp > 1):
         return (f"parallel.tp={parallel.tp}, parallel.pp={parallel.pp} on a wrapped model "
                 f"({type(model).__qualname__}, e.g. peft): its adapters replace the modules the TP plan "
                 "and the pipeline split name; wrapped models run data-parallel only (dp_shard / "
                 "dp_replicate with FSDP2, or DDP)")
-    if parallel.pp > 1 and loss_fn is None:
-        return "parallel.pp > 1 needs loss_fn: the last pipeline stage computes the loss"
     return None
 
 
