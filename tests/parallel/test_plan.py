@@ -1,6 +1,7 @@
 """Plans kept with the models (parallel/plan.py): parallel/ shards, splits and checkpoints whatever a
-model declares, so a Llama with a scalar value head (a critic) runs under tp x dp_shard, and a
-peft-LoRA-wrapped Llama under FSDP2, each against one process."""
+model declares, so a Llama with a scalar value head (a critic) runs under tp x dp_shard and pp, a
+peft-LoRA-wrapped Llama under FSDP2 and DDP, and a family parallel/ never saw under its own TP plan,
+each against one process."""
 
 from __future__ import annotations
 
@@ -103,14 +104,35 @@ def lora_step(layout: Layout) -> tuple[float, dict[str, np.ndarray]]:
     return _loss_and_grads(parts[0], mesh, cross_entropy_loss(model(local[:, :-1]), local[:, 1:]))
 
 
-def test_lora_model_under_fsdp_trains_only_adapters_as_one_process(run_ranks):
+@pytest.mark.parametrize("backend", ["fsdp", "ddp"])
+def test_lora_model_data_parallel_trains_only_adapters_as_one_process(run_ranks, backend):
     pytest.importorskip("peft")
     ref = lora_step(Layout())
     assert ref[1] and all("lora_A" in k or "lora_B" in k for k in ref[1])
     assert len(ref[1]) == 2 * 4 * CFG.n_layers  # A and B of 4 projections per block
-    results = run_ranks(2, lora_step, Layout(dp_shard=2))
+    results = run_ranks(2, lora_step, Layout(dp_shard=2, dp_backend=backend))
     for got in results:
         assert_close(got, ref)
+
+
+def value_pipeline_step(layout: Layout) -> tuple[float, dict[str, np.ndarray]]:
+    """One pipelined step of the value model: its stage structure puts the value head on the last stage."""
+    mesh = build_mesh(layout, "cpu")
+    _, parts, pipeline = parallelize(build_model(VALUE, device="meta"), mesh, layout, loss_fn=value_loss,
+                                     device="cpu", seed=7)
+    tokens, returns = _batch()
+    loss = pipeline.step(tokens[:, :-1], returns)
+    dist.all_reduce(loss, group=mesh["pp"].get_group())  # the last stage's loss, 0 elsewhere
+    grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).numpy().copy()
+             for n, p in parts[0].named_parameters() if p.grad is not None}
+    return loss.item(), grads
+
+
+def test_value_head_model_under_pipeline_matches_one_process(run_ranks):
+    ref = value_step(Layout())
+    first, last = run_ranks(2, value_pipeline_step, Layout(pp=2, microbatches=2))
+    assert "tok_embeddings.weight" in first[1] and "value_head.weight" in last[1]
+    assert_close((first[0], {**first[1], **last[1]}), ref)
 
 
 def _peft_refused(layout: Layout) -> str:
