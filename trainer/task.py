@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol
@@ -126,17 +127,19 @@ def family_of(target: str) -> TaskFamily:
 
 
 def resolve_target(path: str) -> TaskRunner:
-    """Import `module.function` named by a task config's `_target_`."""
+    """The runner a task config's `_target_` names (`module.function`); ConfigError if there is none."""
     module, _, name = path.rpartition(".")
-    if not module:
-        raise ConfigError(f"task._target_={path!r} is not a module.function path")
+    if not module or not name:
+        raise ConfigError(f"task._target_={path!r} is not a module.function path (e.g. trainer.pretrain.run)")
     try:
-        mod = __import__(module, fromlist=[name])
-    except ImportError as err:
+        mod = importlib.import_module(module)
+    except (ImportError, TypeError, ValueError) as err:  # Type/Value: a relative '..x'
         raise ConfigError(f"task._target_={path!r} cannot be imported: {err}") from None
     runner = getattr(mod, name, None)
+    if runner is None:
+        raise ConfigError(f"task._target_={path!r} cannot be imported: module {module} has no {name!r}")
     if not callable(runner):
-        raise ConfigError(f"task._target_={path!r}: module {module} has no function {name!r}")
+        raise ConfigError(f"task._target_={path!r} is a {type(runner).__name__}, not a runner function")
     return runner
 
 

@@ -4,7 +4,6 @@ accelerate, srun, submitit): validate, bring up the process group, seed, run the
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import sys
@@ -20,25 +19,7 @@ from trainer.errors import EXIT_BAD_INPUT, ConfigError
 from trainer.launch.accelerate import accelerate_overrides
 from trainer.launch.distributed import DistEnv, init_distributed, launcher_world_size, seed_everything
 from trainer.launch.preemption import EXIT_REQUEUE, Preempted, requeue_slurm_job
-
-
-def resolve_target(path: str):
-    """The runner a task config's `_target_` names (`module.function`); ConfigError if there is none."""
-    module, _, name = path.rpartition(".")
-    if not module or not name:
-        raise ConfigError(f"task._target_={path!r} is not a module.function path (e.g. trainer.pretrain.run)")
-    try:
-        target = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, TypeError, ValueError) as err:  # Type/Value: a relative '..x'
-        raise ConfigError(f"task._target_={path!r} cannot be imported: {err}") from None
-    if not callable(target):
-        raise ConfigError(f"task._target_={path!r} is a {type(target).__name__}, not a runner function")
-    return target
-
-
-def target_of(cfg) -> str:
-    """`task._target_`, whether the task section is still a dict or already its family's options."""
-    return cfg.task["_target_"] if isinstance(cfg.task, dict) else cfg.task._target_
+from trainer.task import resolve_target
 
 
 def rank_prefix(env: Optional[DistEnv]) -> str:
@@ -100,7 +81,7 @@ def _run(cfg_dict: dict) -> None:
         cfg = validate(accelerate_overrides(cfg_dict))
         env = init_distributed(device=cfg.device)
         seed_everything(cfg.seed)
-        resolve_target(target_of(cfg))(cfg, env)
+        resolve_target(cfg.task._target_)(cfg, env)  # validated: the family's typed options
     except ConfigError as err:
         raise bad_input("bad config", err, env) from None
     except CheckpointError as err:

@@ -16,7 +16,8 @@ from trainer.errors import EXIT_BAD_INPUT, ConfigError
 from trainer.launch import distributed
 from trainer.launch.accelerate import accelerate_overrides
 from trainer.launch.preemption import EXIT_REQUEUE, Preempted
-from trainer.launch.rank import resolve_target, run_rank
+from trainer.launch.rank import run_rank
+from trainer.task import resolve_target
 
 # torch elastic's `record` enables faulthandler on sys.stderr, which these tests capture in a StringIO
 pytestmark = pytest.mark.filterwarnings("ignore:Unable to enable fault handler")
