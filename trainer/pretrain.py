@@ -137,9 +137,8 @@ def run(cfg: PlaitConfig, env: DistEnv) -> dict:
         env.device, progress, log, env.world_size,
     )
     try:
-        history = loop.fit()
+        history = loop.fit()  # its step boundary restores the signal handlers
     finally:
-        loop.p.preemption.restore()
         log.close()
     if env.is_main and "eval/loss" in history:
         first = history.get("first_eval_loss")
