@@ -3,6 +3,7 @@
     plait-ckpt inspect DIR             manifest, sizes, layout, components (DIR: a step or a run's checkpoints)
     plait-ckpt verify DIR              file sizes and checksums
     plait-ckpt export DIR --to hf OUT  safetensors + config.json that LlamaForCausalLM.from_pretrained loads
+                                       (a multi-role step: the role holding a model, or --role)
     plait-ckpt import-hf HF_DIR OUT    a Plait checkpoint (model component) from a Hugging Face directory
 
 Exit status: 0 fine, 2 bad input (missing, damaged or unsupported checkpoint, bad arguments).
@@ -18,21 +19,11 @@ from pathlib import Path
 
 import torch
 
-from trainer.checkpoint import MANIFEST, Checkpointer, CheckpointError, read_manifest, tensor_shapes, verify
+from trainer.checkpoint import (MANIFEST, Checkpointer, CheckpointError, find_step, read_manifest, role_root,
+                                roles_of, tensor_shapes, verify)
 
 from trainer.checkpoint.state import TensorDict
 from trainer.errors import EXIT_BAD_INPUT
-
-
-def step_dir(path: str) -> Path:
-    """A step directory from a step path, or the latest one of a checkpoints directory."""
-    p = Path(path)
-    if (p / MANIFEST).exists() or not p.is_dir():
-        return p
-    latest = Checkpointer(str(p)).latest()
-    if latest is None:
-        raise CheckpointError(f"{p}: neither a checkpoint (no {MANIFEST}) nor a directory of checkpoints")
-    return latest
 
 
 def _size(n: float) -> str:
@@ -58,21 +49,24 @@ def cmd_inspect(args) -> int:
             return EXIT_BAD_INPUT
         root = latest
     m = read_manifest(root)
-    shapes = tensor_shapes(root)
     total = sum(f["size"] for f in m["files"].values())
-    by_component: dict[str, list[int]] = {}
-    for key, shape in shapes.items():
-        n = 1
-        for d in shape:
-            n *= d
-        entry = by_component.setdefault(key.split(".", 1)[0], [0, 0])
-        entry[0] += 1
-        entry[1] += n
+    by_component: dict[str, list[int]] = {}  # name (role/name in a multi-role step) -> [tensors, elements]
+    for role in roles_of(m) or [None]:
+        prefix = "" if role is None else f"{role}/"
+        for key, shape in tensor_shapes(role_root(root, m, role)[0]).items():
+            n = 1
+            for d in shape:
+                n *= d
+            entry = by_component.setdefault(prefix + key.split(".", 1)[0], [0, 0])
+            entry[0] += 1
+            entry[1] += n
     print(f"checkpoint  {root}")
     print(f"format      plait v{m['format_version']}, task {m.get('task', '?')}, created {m['created']}")
     print("counters    " + ", ".join(f"{k} {v}" for k, v in m["counters"].items()))
     if "layout" in m:
         print(f"layout      world size {m.get('world_size')}: " + " x ".join(f"{k}={v}" for k, v in m["layout"].items()))
+    for role, info in m.get("roles", {}).items():
+        print(f"role        {role}: world size {info['world_size']}, components {', '.join(info['components'])}")
     print(f"size        {_size(total)} in {len(m['files'])} files")
     print("components")
     for name in m["components"]:
@@ -85,7 +79,7 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    path = step_dir(args.dir)
+    path = find_step(args.dir)
     problems = verify(path)
     if problems:
         print(f"{path}: DAMAGED", file=sys.stderr)
@@ -106,14 +100,26 @@ def model_config_of(manifest: dict):
     return ModelConfig(**model)
 
 
-def load_model_tensors(path: Path) -> dict[str, torch.Tensor]:
+def model_role(manifest: dict, role: str | None) -> str | None:
+    """The role whose `model` to read: `role`, or in a multi-role step the only one holding a model."""
+    if role is not None or not roles_of(manifest):
+        return role
+    with_model = [r for r, info in manifest["roles"].items() if "model" in info["components"]]
+    if len(with_model) != 1:
+        raise CheckpointError(f"roles {', '.join(with_model) or '(none)'} hold a model component; pick one with "
+                              f"--role (roles: {', '.join(roles_of(manifest))})")
+    return with_model[0]
+
+
+def load_model_tensors(path: Path, role: str | None = None) -> dict[str, torch.Tensor]:
     """The model component as full tensors, read in this process whatever layout saved it."""
-    keys = [k for k in tensor_shapes(path) if k.startswith("model.")]
+    role = model_role(read_manifest(path), role)
+    shapes = tensor_shapes(role_root(path, read_manifest(path), role)[0])
+    keys = [k for k in shapes if k.startswith("model.")]
     if not keys:
         raise CheckpointError(f"{path}: has no model component")
-    shapes = tensor_shapes(path)
     tensors = {k[len("model."):]: torch.empty(shapes[k]) for k in keys}
-    Checkpointer(str(path.parent)).load(path, {"model": TensorDict(tensors)})
+    Checkpointer(str(path.parent)).load(path, {"model": TensorDict(tensors)}, role=role)
     return tensors
 
 
@@ -124,10 +130,11 @@ def cmd_export(args) -> int:
 
     if args.to != "hf":
         raise CheckpointError(f"--to {args.to}: unknown target; allowed: hf")
-    path = step_dir(args.dir)
+    path = find_step(args.dir)
     manifest = read_manifest(path)
-    cfg = model_config_of(manifest)
-    tensors = load_model_tensors(path)
+    role = model_role(manifest, args.role)
+    cfg = model_config_of(manifest if role is None else {**manifest, **manifest["roles"][role]["meta"]})
+    tensors = load_model_tensors(path, role)
     hf_sd = to_hf_state_dict(tensors)
     if cfg.tie_embeddings:
         hf_sd.pop("lm_head.weight", None)  # safetensors stores no shared tensors; HF re-ties it
@@ -191,6 +198,7 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write Hugging Face safetensors + config.json")
     p.add_argument("dir")
     p.add_argument("--to", required=True, help="target format: hf")
+    p.add_argument("--role", help="in a multi-role step, the role whose model to export")
     p.add_argument("out")
     p.set_defaults(fn=cmd_export)
     p = sub.add_parser("import-hf", help="a Plait checkpoint from a Hugging Face Llama directory")

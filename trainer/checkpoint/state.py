@@ -6,8 +6,11 @@ global DTensor shapes, so a checkpoint saved under one (pp, dp, tp) layout loads
 
 from __future__ import annotations
 
+import hashlib
 import random
+import sys
 from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -81,10 +84,20 @@ class OptimizerState(Stateful):
 
 
 class RNGState(Stateful):
-    """torch (CPU and CUDA), numpy and Python RNG streams of this rank, stored under its rank."""
+    """torch (CPU and CUDA), numpy and Python RNG streams of this rank, stored under its rank.
 
-    def __init__(self, rank: int):
+    It fits whatever checkpoint it meets (`fit_checkpoint`), so a run resumes across devices and
+    world sizes: a checkpoint saved on a CPU has no CUDA stream, and a GPU run loading it seeds its
+    CUDA generator from the restored CPU stream (deterministically); a CUDA stream in a checkpoint
+    loaded on a CPU is skipped; a rank the saving run did not have (another world size) reseeds
+    all its streams from (seed, rank, step). Each says so in one line through `say`.
+    """
+
+    def __init__(self, rank: int, seed: int = 0, say: Optional[Callable[[str], None]] = None):
+        self.rank, self.seed = rank, seed
         self.key = f"rank{rank}"
+        self.say = say or _note
+        self._seed_cuda = False  # the checkpoint has no CUDA stream for a run that uses one
 
     def state_dict(self) -> dict:
         streams = {
@@ -92,8 +105,24 @@ class RNGState(Stateful):
             "numpy": np.random.get_state(),
             "python": random.getstate(),
         }
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
+        if _cuda_in_use():
             streams["cuda"] = torch.cuda.get_rng_state()
+        return {self.key: streams}
+
+    def fit_checkpoint(self, template: dict, stored: set[str], manifest: dict) -> Optional[dict]:
+        """What of `template` to load given the keys the checkpoint stores for this component;
+        None when it holds no stream of this rank (reseeded here instead)."""
+        if not any(k == self.key or k.startswith(f"{self.key}.") for k in stored):
+            step = int(manifest.get("counters", {}).get("step", 0))
+            self.reseed(step)
+            saved = manifest.get("world_size", "another number of")
+            self.say(f"rank {self.rank}: the checkpoint has no RNG stream for this rank (saved by {saved} "
+                     f"rank(s)): reseeded from (seed {self.seed}, rank {self.rank}, step {step})")
+            return None
+        streams = dict(template[self.key])
+        self._seed_cuda = "cuda" in streams and f"{self.key}.cuda" not in stored
+        if self._seed_cuda:
+            del streams["cuda"]
         return {self.key: streams}
 
     def load_state_dict(self, state: dict) -> None:
@@ -103,6 +132,34 @@ class RNGState(Stateful):
         random.setstate(streams["python"])
         if "cuda" in streams and torch.cuda.is_available():
             torch.cuda.set_rng_state(streams["cuda"])
+        elif self._seed_cuda and _cuda_in_use():
+            seed = _seed_from(streams["torch"])
+            torch.cuda.manual_seed(seed)
+            if self.rank == 0:  # every rank does the same; one line says it
+                self.say(f"the checkpoint holds no CUDA RNG stream (saved without a GPU): CUDA generators "
+                         f"seeded from each rank's restored CPU stream (rank 0: {seed})")
+        self._seed_cuda = False
+
+    def reseed(self, step: int) -> None:
+        """Seed every stream of this rank from (seed, rank, step): the same on every resume."""
+        seed = _seed_from(torch.tensor([self.seed, self.rank, step], dtype=torch.int64))
+        torch.manual_seed(seed)  # also every CUDA device's generator
+        np.random.seed(seed % 2**32)
+        random.seed(seed)
+
+
+def _cuda_in_use() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
+
+
+def _seed_from(tensor: torch.Tensor) -> int:
+    """A 63-bit seed that is a pure function of a tensor's bytes."""
+    digest = hashlib.sha256(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def _note(message: str) -> None:
+    print(f"plait: note: {message}", file=sys.stderr, flush=True)
 
 
 class TensorDict(Stateful):
