@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from trainer.atomic import write_text_atomic
+
 # What stops a run from outside (the agent's own SIGTERM to the survivors, Ctrl-C, a hang-up):
 # a rank that ended so did not fail on its own.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -152,10 +154,7 @@ def report(exits: list[RankExit]) -> str:
 def announce(watch_dir: str, local_rank: int) -> None:
     """In a rank, first thing: tell the launcher's ExitWatch this process's pid and error file."""
     record = {"pid": os.getpid(), "error_file": os.environ.get("TORCHELASTIC_ERROR_FILE", "")}
-    path = Path(watch_dir) / f"{local_rank}.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record))
-    os.replace(tmp, path)  # the launcher never reads half a record
+    write_text_atomic(Path(watch_dir) / f"{local_rank}.json", json.dumps(record))  # never half a record
 
 
 class ExitWatch:
