@@ -7,6 +7,7 @@ global DTensor shapes, so a checkpoint saved under one (pp, dp, tp) layout loads
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import sys
 from dataclasses import asdict, dataclass, field
@@ -177,7 +178,8 @@ class TensorDict(Stateful):
 
 @dataclass
 class Progress(Stateful):
-    """Counters of a run: optimizer steps, samples and tokens seen."""
+    """Counters of a run: optimizer steps, samples and tokens seen, and a family's own (`extra`:
+    JSON values, e.g. a federated round or a continual experience index)."""
 
     step: int = 0
     samples: int = 0
@@ -185,8 +187,14 @@ class Progress(Stateful):
     extra: dict = field(default_factory=dict)
 
     def state_dict(self) -> dict:
-        return asdict(self)
+        # `extra` as one JSON string: DCP fills only the keys a fresh run's state already has,
+        # and a fresh run does not know which counters a family adds
+        return {**asdict(self), "extra": json.dumps(self.extra, sort_keys=True)}
+
+    def fit_checkpoint(self, template: dict, stored: set[str], manifest: dict) -> dict:
+        """Checkpoints written before `extra` was stored this way hold no `extra`: load the rest."""
+        return template if "extra" in stored else {k: v for k, v in template.items() if k != "extra"}
 
     def load_state_dict(self, state: dict) -> None:
         for key, value in state.items():
-            setattr(self, key, value)
+            setattr(self, key, json.loads(value) if key == "extra" and isinstance(value, str) else value)
