@@ -84,3 +84,23 @@ def test_damaged_or_missing_input_exits_2(trained, tmp_path, capsys):
     assert code == 2 and "allowed: hf" in err
     code, _, err = ckpt(["import-hf", str(tmp_path), str(tmp_path / "o")], capsys)
     assert code == 2 and "config.json" in err
+
+
+def test_inspect_and_verify_a_multi_role_step(tmp_path, capsys):
+    from trainer.checkpoint import Checkpointer
+    from trainer.checkpoint.state import Progress, TensorDict
+
+    roles = ("actor", "critic")
+    for role, width in (("actor", 3), ("critic", 5)):  # one process each in turn; the last publishes
+        Checkpointer(tmp_path, role=role, roles=roles).save(
+            1, {"model": TensorDict({"w": torch.ones(width, 2)}), "progress": Progress(1)})
+    code, out, _ = ckpt(["inspect", str(tmp_path)], capsys)
+    assert code == 0 and "latest: step_000000001" in out
+    assert "role        actor: world size 1, components model, progress" in out
+    assert "actor/model" in out and "critic/model" in out and "        6 elements" in out
+    code, out, _ = ckpt(["verify", str(tmp_path)], capsys)
+    assert code == 0 and "OK" in out
+    shard = next((tmp_path / "step_000000001" / "critic").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:-4])
+    code, _, err = ckpt(["verify", str(tmp_path)], capsys)
+    assert code == 2 and "critic/" + shard.name in err
