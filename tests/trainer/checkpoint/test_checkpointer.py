@@ -240,3 +240,17 @@ def test_every_model_and_optimizer_tensor_equal_across_layouts(tiny_cfg, tmp_pat
         for name, value in entry.items():
             assert torch.equal(value, optim_b["state"][fqn][name]), (fqn, name)
     assert any(float(e["exp_avg"].abs().sum()) > 0 for e in optim_b["state"].values())
+
+
+def test_a_one_process_checkpoint_resumes_on_two_ranks_reseeding_the_new_rank(tiny_cfg, tmp_path, run_ranks,
+                                                                             capfd):
+    one = tmp_path / "one"
+    run_rank(tiny_cfg("trainer.max_steps=2", run_dir=one))
+    step2 = one / "checkpoints" / "step_000000002"
+    two = tmp_path / "two"
+    run_ranks(2, run_rank, tiny_cfg("parallel.dp_shard=2", "trainer.max_steps=3", f"checkpoint.resume={step2}",
+                                    run_dir=two), init_pg=False)
+    err = capfd.readouterr().err
+    assert "rank 1: the checkpoint has no RNG stream for this rank (saved by 1 rank(s))" in err
+    assert "rank 0: the checkpoint has no RNG stream" not in err
+    assert set(losses(two)) == {3}
