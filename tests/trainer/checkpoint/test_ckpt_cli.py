@@ -87,7 +87,7 @@ def test_damaged_or_missing_input_exits_2(trained, tmp_path, capsys):
 
 
 def test_inspect_and_verify_a_multi_role_step(tmp_path, capsys):
-    from trainer.checkpoint import Checkpointer
+    from trainer.checkpoint import Checkpointer, CheckpointError
     from trainer.checkpoint.state import Progress, TensorDict
 
     roles = ("actor", "critic")
@@ -100,7 +100,11 @@ def test_inspect_and_verify_a_multi_role_step(tmp_path, capsys):
     assert "actor/model" in out and "critic/model" in out and "        6 elements" in out
     code, out, _ = ckpt(["verify", str(tmp_path)], capsys)
     assert code == 0 and "OK" in out
-    shard = next((tmp_path / "step_000000001" / "critic").glob("*.distcp"))
+    step = tmp_path / "step_000000001"
+    with pytest.raises(CheckpointError, match="roles actor, critic hold a model component; pick one with --role"):
+        load_model_tensors(step)  # what export reads
+    assert torch.equal(load_model_tensors(step, role="critic")["w"], torch.ones(5, 2))
+    shard = next((step / "critic").glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[:-4])
     code, _, err = ckpt(["verify", str(tmp_path)], capsys)
     assert code == 2 and "critic/" + shard.name in err

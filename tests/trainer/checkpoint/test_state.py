@@ -4,7 +4,6 @@ checkpoint saved on another device or world size (CUDA simulated: there is no GP
 import random
 
 import numpy as np
-import pytest
 import torch
 from torch import nn
 
@@ -55,7 +54,8 @@ def draws() -> tuple:
 
 def save_rng(directory, rank: int = 0, step: int = 5):
     torch.manual_seed(11), np.random.seed(11), random.seed(11)
-    path = Checkpointer(directory, meta={"world_size": 1}).save(step, {"rng": RNGState(rank), "progress": Progress(step)})
+    ck = Checkpointer(directory, meta={"world_size": 1})
+    path = ck.save(step, {"rng": RNGState(rank), "progress": Progress(step)})
     return path, draws()  # what a run that never stopped draws next
 
 
