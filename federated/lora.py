@@ -110,11 +110,14 @@ def truncate(pair: LoraPair, rank: int) -> LoraPair:
     return LoraPair(pair.A[:rank], pair.B[:, :rank], pair.scale)
 
 
-def svd_factor(delta: Tensor, rank: int, scale: float = 1.0) -> LoraPair:
-    """ΔW ≈ s·B·A with B = U_r·√(Σ_r/s), A = √(Σ_r/s)·V_rᵀ: the best rank-r approximation (Eckart–Young)."""
+def svd_factor(delta: Tensor, rank: int, scale: float = 1.0,
+               svd: Optional[tuple[Tensor, Tensor, Tensor]] = None) -> LoraPair:
+    """ΔW ≈ s·B·A with B = U_r·√(Σ_r/s), A = √(Σ_r/s)·V_rᵀ: the best rank-r approximation (Eckart–Young).
+
+    `svd`: ΔW's (U, Σ, Vᵀ) when already computed (one SVD, truncated for many clients)."""
     if rank < 1:
         raise ValueError(f"an adapter needs rank >= 1, got {rank}")
-    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+    U, S, Vh = svd if svd is not None else torch.linalg.svd(delta, full_matrices=False)
     r = min(rank, S.numel())
     root = torch.sqrt(S[:r] / scale)
     A, B = root[:, None] * Vh[:r], U[:, :r] * root[None, :]
