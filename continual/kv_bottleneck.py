@@ -108,7 +108,7 @@ class KeyValueBottleneck(nn.Module):
             raise ValueError(f"the bottleneck takes encoder outputs [B, {self.dim_embed}], got {tuple(z.shape)}")
         if self.projection is None:
             return z.reshape(z.shape[0], self.num_codebooks, self.dim_keys)
-        return torch.einsum("bd,cdk->bck", z, self.projection)
+        return torch.einsum("bd,cdk->bck", z.to(self.projection.dtype), self.projection)
 
     def lookup(self, z: torch.Tensor) -> torch.Tensor:
         """The selected keys' indices [B, C, topk], nearest first."""
