@@ -65,6 +65,8 @@ def aggregation_error(clients: Sequence[Mapping[str, LoraPair]], weights: Sequen
     """max_k ‖ΔW_k − ΔW*‖_F / ‖ΔW*‖_F over all modules stacked (0 for an exact strategy)."""
     target = target_delta(clients, weights)
     norm = torch.sqrt(sum((d ** 2).sum() for d in target.values()))
+    if norm == 0:  # every client sent a zero update: measure the absolute error instead
+        norm = torch.ones((), dtype=norm.dtype)
     worst = 0.0
     for k in range(len(clients)):
         got = result.delta(k)
@@ -158,7 +160,9 @@ class FFALoRA(Strategy):
 
 @STRATEGIES.register("flora")
 class FLoRA(Strategy):
-    """ΔW = [s_1B_1, …, s_KB_K]·[p_1A_1; …; p_KA_K] = Σ p_k s_k B_k A_k, merged into the base; adapters restart (Wang et al., FLoRA, 2024)."""
+    """ΔW = [s_1B_1, …, s_KB_K]·[p_1A_1; …; p_KA_K] = Σ p_k s_k B_k A_k: exact, any ranks.
+
+    Merged into the base each round; clients restart their adapters (Wang et al., FLoRA, 2024)."""
 
     name, exact, mixed_ranks = "flora", True, True
 
@@ -168,7 +172,9 @@ class FLoRA(Strategy):
 
 @STRATEGIES.register("svd")
 class FlexLoRA(Strategy):
-    """Client k gets SVD_{r_k}(Σ p_j s_j B_j A_j): exact when r_k ≥ rank of the sum (Bai et al., FlexLoRA, 2024)."""
+    """Client k gets SVD_{r_k}(Σ p_j s_j B_j A_j): exact when r_k ≥ the sum's rank, else the best rank r_k.
+
+    One SVD per module, truncated to each client's rank (Bai et al., FlexLoRA, 2024)."""
 
     name, exact, mixed_ranks = "svd", False, True  # exact only before truncation
 
@@ -180,27 +186,31 @@ class FlexLoRA(Strategy):
 
 @STRATEGIES.register("hetlora")
 class HetLoRA(Strategy):
-    """Zero-pad to r_max, Ā = Σ p_k [A_k; 0], B̄ = Σ p_k [s_kB_k, 0], client k gets the first r_k components (Cho et al., HetLoRA, 2024)."""
+    """Ā = Σ p_k [A_k; 0], B̄ = Σ p_k [s_kB_k, 0] at r_max; client k keeps the first r_k components.
+
+    Cho et al., HetLoRA, 2024 (without its rank self-pruning and sparsity-weighted averaging)."""
 
     name, exact, mixed_ranks = "hetlora", False, True
 
     def aggregate_module(self, pairs, p):
         r_max = max(q.rank for q in pairs)
-        A, B = _average_factors([zero_pad(q.absorbed(), r_max) for q in pairs], p)
+        A, B = _average_factors([zero_pad(q, r_max) for q in pairs], p)
         full = LoraPair(A, B, 1.0)
         return [truncate(full, q.rank).rescaled(q.scale) for q in pairs], None
 
 
 @STRATEGIES.register("fedex")
 class FedExLoRA(Strategy):
-    """Ā, B̄ as FedIT, and Σ p_k s_k B_k A_k − B̄Ā folded into the frozen base: exact (Singhal et al., FedEx-LoRA, 2025)."""
+    """Ā, B̄ as FedIT, and Σ p_k s_k B_k A_k − B̄Ā folded into the frozen base: exact.
+
+    Singhal et al., FedEx-LoRA, 2025."""
 
     name, exact, mixed_ranks = "fedex", True, False
 
     def aggregate_module(self, pairs, p):
         A, B = _average_factors(pairs, p)
         stacked = _stack(pairs, p)
-        # residual = [s_1B_1, …, s_KB_K, −B̄]·[p_1A_1; …; p_KA_K; Ā]: low rank (Σ r_k + r), so it travels factored
+        # ΔW* − B̄Ā = [s_1B_1, …, s_KB_K, −B̄]·[p_1A_1; …; p_KA_K; Ā]: rank ≤ Σ r_k + r, sent factored
         residual = LoraPair(torch.cat([stacked.A, A], dim=0), torch.cat([stacked.B, -B], dim=1), 1.0)
         return [LoraPair(A, B, 1.0).rescaled(q.scale) for q in pairs], residual
 

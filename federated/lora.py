@@ -112,7 +112,7 @@ def truncate(pair: LoraPair, rank: int) -> LoraPair:
 
 def svd_factor(delta: Tensor, rank: int, scale: float = 1.0,
                svd: Optional[tuple[Tensor, Tensor, Tensor]] = None) -> LoraPair:
-    """ΔW ≈ s·B·A with B = U_r·√(Σ_r/s), A = √(Σ_r/s)·V_rᵀ: the best rank-r approximation (Eckart–Young).
+    """ΔW ≈ s·B·A, B = U_r·√(Σ_r/s), A = √(Σ_r/s)·V_rᵀ: the best rank-r approximation (Eckart–Young).
 
     `svd`: ΔW's (U, Σ, Vᵀ) when already computed (one SVD, truncated for many clients)."""
     if rank < 1:

@@ -202,3 +202,8 @@ def test_strategy_state_round_trip_is_empty_and_strict():
     s.load_state_dict({})
     with pytest.raises(ValueError, match="has no state"):
         s.load_state_dict({"moments": torch.zeros(1)})
+
+
+def test_error_of_an_all_zero_round_is_absolute_not_nan():
+    cs = [{m: LoraPair(p.A, torch.zeros_like(p.B), p.scale) for m, p in c.items()} for c in clients()]  # B = 0: round 1
+    assert agg.aggregation_error(cs, COUNTS, agg.build_strategy("fedit")(cs, COUNTS)) == 0.0
