@@ -150,3 +150,25 @@ def test_from_peft_refuses_dora():
     model = get_peft_model(MLP(), LoraConfig(target_modules=["fc1"], r=2, use_dora=True))
     with pytest.raises(ValueError, match="DoRA"):
         lora.from_peft(model)
+
+
+def test_round_trip_on_a_plait_llama():
+    """Extract, load and fold on peft LoRA over a tiny Plait Llama's wq/wv: the logits of
+    base + folded ΔW with zeroed adapters equal those of the adapted model."""
+    from trainer.config import ModelConfig
+    from trainer.models import build_model
+
+    cfg = ModelConfig(name="llama_test", vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                      ffn_dim=48, max_seq_len=16)
+    model = get_peft_model(build_model(cfg, seed=0), LoraConfig(target_modules=["wq", "wv"], r=4, lora_alpha=8,
+                                                                rank_pattern={"wv": 2}, init_lora_weights=False))
+    tokens = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(tokens)
+    adapters = lora.from_peft(model)
+    assert lora.ranks(adapters) == {f"base_model.model.layers.{i}.attention.{w}": r
+                                    for i in range(2) for w, r in (("wq", 4), ("wv", 2))}
+    lora.fold_into_base(model, lora.deltas(adapters))
+    lora.load_into_peft(model, {n: LoraPair(p.A, torch.zeros_like(p.B), p.scale) for n, p in adapters.items()})
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), expected, atol=1e-5, rtol=1e-5)
