@@ -48,7 +48,7 @@ def loss_scale(response_mask: torch.Tensor, max_response_length: Optional[int] =
 
 @LOSS_AGG_MODES.register("token-mean")
 def token_mean(loss_mat: torch.Tensor, response_mask: torch.Tensor, scale: LossScale) -> torch.Tensor:
-    """Σ_{i,t} m_it ℓ_it / N_tokens  (TRL loss_type="dapo"/"bnpo", verl token-mean)."""
+    """Σ_{i,t} m_it ℓ_it / N_tokens  (TRL loss_type="dapo", verl token-mean)."""
     if scale.num_tokens == 0:
         raise ValueError("token-mean over a mini-batch with no response tokens")
     return (loss_mat * response_mask).sum() / scale.num_tokens
