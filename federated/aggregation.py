@@ -63,13 +63,15 @@ class Aggregate:
 def aggregation_error(clients: Sequence[Mapping[str, LoraPair]], weights: Sequence[float],
                       result: Aggregate) -> float:
     """max_k ‖ΔW_k − ΔW*‖_F / ‖ΔW*‖_F over all modules stacked (0 for an exact strategy)."""
-    target = target_delta(clients, weights)
+    # the reference in float64, so a float32 round's own rounding is what gets measured
+    wide = [{n: LoraPair(q.A.double(), q.B.double(), q.scale) for n, q in c.items()} for c in clients]
+    target = target_delta(wide, weights)
     norm = torch.sqrt(sum((d ** 2).sum() for d in target.values()))
     if norm == 0:  # every client sent a zero update: measure the absolute error instead
         norm = torch.ones((), dtype=norm.dtype)
     worst = 0.0
     for k in range(len(clients)):
-        got = result.delta(k)
+        got = {n: d.double() for n, d in result.delta(k).items()}
         err = torch.sqrt(sum(((got.get(n, torch.zeros_like(d)) - d) ** 2).sum() for n, d in target.items()))
         worst = max(worst, float(err / norm))
     return worst

@@ -14,15 +14,15 @@ SHAPES = {"q_proj": (12, 10), "v_proj": (8, 10)}  # module: (out, in)
 COUNTS = [30, 10, 60]  # sample counts: p = (0.3, 0.1, 0.6)
 
 
-def clients(ranks=(4, 4, 4), alpha=8.0, seed=0, shared_A=False):
-    """One adapters dict per client, float64, scaling α/r (peft's default)."""
+def clients(ranks=(4, 4, 4), alpha=8.0, seed=0, shared_A=False, dtype=torch.float64, shapes=SHAPES):
+    """One adapters dict per client, scaling α/r (peft's default)."""
     g = torch.Generator().manual_seed(seed)
-    shared = {m: torch.randn(ranks[0], i, generator=g, dtype=torch.float64) for m, (o, i) in SHAPES.items()}
+    shared = {m: torch.randn(ranks[0], i, generator=g, dtype=dtype) for m, (o, i) in shapes.items()}
     out = []
     for r in ranks:
-        out.append({m: LoraPair(shared[m].clone() if shared_A else torch.randn(r, i, generator=g, dtype=torch.float64),
-                                torch.randn(o, r, generator=g, dtype=torch.float64), alpha / r)
-                    for m, (o, i) in SHAPES.items()})
+        out.append({m: LoraPair(shared[m].clone() if shared_A else torch.randn(r, i, generator=g, dtype=dtype),
+                                torch.randn(o, r, generator=g, dtype=dtype), alpha / r)
+                    for m, (o, i) in shapes.items()})
     return out
 
 
@@ -207,3 +207,12 @@ def test_strategy_state_round_trip_is_empty_and_strict():
 def test_error_of_an_all_zero_round_is_absolute_not_nan():
     cs = [{m: LoraPair(p.A, torch.zeros_like(p.B), p.scale) for m, p in c.items()} for c in clients()]  # B = 0: round 1
     assert agg.aggregation_error(cs, COUNTS, agg.build_strategy("fedit")(cs, COUNTS)) == 0.0
+
+
+@pytest.mark.parametrize("name,ranks", [("ffa", (8,) * 6), ("flora", (2, 4, 8, 8, 16, 16)), ("fedex", (8,) * 6)])
+def test_exact_strategies_hold_in_float32_at_a_larger_size(name, ranks):
+    """What clients send is float32: the 1e-5 bound holds there too (the reference is float64)."""
+    cs = clients(ranks, dtype=torch.float32, shared_A=name == "ffa", shapes={"w": (256, 192)})
+    counts = [5, 1, 9, 3, 7, 2]
+    result = agg.build_strategy(name)(cs, counts)
+    assert agg.aggregation_error(cs, counts, result) < 1e-5
