@@ -188,10 +188,8 @@ class Batch:
         if not isinstance(d, int) or d < 1:
             raise ValueError(f"pad_to_divisor needs a positive divisor, got {d!r}")
         pad = -len(self) % d
-        if pad == 0:
+        if pad == 0:  # an empty batch included
             return self, 0
-        if len(self) == 0:
-            raise ValueError("cannot pad an empty batch: there is no row to repeat")
         padding = self[torch.arange(pad) % len(self)]
         return Batch.concat([self, padding]), pad
 
