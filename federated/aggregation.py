@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.distributed.checkpoint.stateful import Stateful
 
-from federated.lora import Adapters, LoraPair, svd_factor, truncate, zero_pad
+from federated.lora import Adapters, LoraPair, payload_bytes, svd_factor, truncate, zero_pad
 from trainer.errors import ConfigError
 from trainer.registry import Registry
 
@@ -51,6 +51,10 @@ class Aggregate:
     def base_delta(self) -> dict[str, Tensor]:
         """{module: ΔW_base} to fold into the frozen base weights."""
         return {name: pair.delta() for name, pair in self.base.items()}
+
+    def download_bytes(self, client: int) -> int:
+        """Bytes the server sends `client`: the base factors plus its own adapters."""
+        return payload_bytes(self.base) + payload_bytes(self.adapters[client] or {})
 
     def delta(self, client: int) -> dict[str, Tensor]:
         """ΔW seen by `client` next round relative to this round's base: ΔW_base + s_k·B_k·A_k."""

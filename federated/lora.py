@@ -74,6 +74,11 @@ def ranks(adapters: Mapping[str, LoraPair]) -> dict[str, int]:
     return {name: pair.rank for name, pair in adapters.items()}
 
 
+def payload_bytes(adapters: Mapping[str, LoraPair]) -> int:
+    """Σ_m (|A_m| + |B_m|)·bytes per element: what sending the factors costs (r·(in + out) per module)."""
+    return sum(p.A.numel() * p.A.element_size() + p.B.numel() * p.B.element_size() for p in adapters.values())
+
+
 def subtract(new: Mapping[str, LoraPair], old: Mapping[str, LoraPair]) -> Adapters:
     """(A_new − A_old, B_new − B_old) per module: a client's update in factor space (same ranks, same s)."""
     _same_modules(new, old, "subtract")

@@ -216,3 +216,12 @@ def test_exact_strategies_hold_in_float32_at_a_larger_size(name, ranks):
     counts = [5, 1, 9, 3, 7, 2]
     result = agg.build_strategy(name)(cs, counts)
     assert agg.aggregation_error(cs, counts, result) < 1e-5
+
+
+def test_download_bytes_flora_grows_with_clients_svd_does_not():
+    cs = clients(MIXED, dtype=torch.float32)
+    per_module = {m: o + i for m, (o, i) in SHAPES.items()}  # r·(out + in) elements per module
+    flora = agg.build_strategy("flora")(cs, COUNTS)
+    assert flora.download_bytes(0) == sum(MIXED) * sum(per_module.values()) * 4
+    svd = agg.build_strategy("svd")(cs, COUNTS)
+    assert [svd.download_bytes(k) for k in range(3)] == [r * sum(per_module.values()) * 4 for r in MIXED]

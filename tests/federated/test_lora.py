@@ -172,3 +172,8 @@ def test_round_trip_on_a_plait_llama():
     lora.load_into_peft(model, {n: LoraPair(p.A, torch.zeros_like(p.B), p.scale) for n, p in adapters.items()})
     with torch.no_grad():
         torch.testing.assert_close(model(tokens), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_payload_bytes_counts_both_factors():
+    adapters = {"a": pair(5, 7, 3), "b": LoraPair(torch.zeros(2, 4), torch.zeros(6, 2))}  # float64, float32
+    assert lora.payload_bytes(adapters) == 3 * (5 + 7) * 8 + 2 * (4 + 6) * 4
