@@ -16,6 +16,8 @@ resumed mid-way makes bitwise the same decisions.
 
 from __future__ import annotations
 
+import abc
+
 from typing import Optional
 
 import torch
@@ -73,7 +75,7 @@ def selective_sampling_probability(p_max: float, b: float, num_classes: int) -> 
     return b / (b + abs(p_max - 1.0 / num_classes))
 
 
-class QueryStrategy(Stateful):
+class QueryStrategy(Stateful, abc.ABC):
     """Decides, sample by sample, whether to ask for the label; tracks the budget it spends."""
 
     def __init__(self, budget: float, seed: int = 0):
@@ -92,8 +94,9 @@ class QueryStrategy(Stateful):
         self.spent += int(ask)
         return ask
 
+    @abc.abstractmethod
     def decide(self, posterior: torch.Tensor) -> bool:
-        raise NotImplementedError
+        """The strategy's own rule, consulted only within the budget."""
 
     @property
     def labels_fraction(self) -> float:

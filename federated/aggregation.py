@@ -11,6 +11,8 @@ reproduce the target for every client (`aggregation_error` measures it).
 
 from __future__ import annotations
 
+import abc
+
 from dataclasses import dataclass, field
 from typing import ClassVar, Mapping, Optional, Sequence
 
@@ -81,7 +83,7 @@ def aggregation_error(clients: Sequence[Mapping[str, LoraPair]], weights: Sequen
     return worst
 
 
-class Strategy(Stateful):
+class Strategy(Stateful, abc.ABC):
     """Module by module: `aggregate_module(pairs, p) -> (per-client pairs or None, base pair or None)`.
 
     The state of a strategy that has one (a server optimizer's moments) goes through
@@ -116,9 +118,10 @@ class Strategy(Stateful):
                 base[name] = base_pair
         return Aggregate([None if r else a for a, r in zip(adapters, reinit)], base)
 
+    @abc.abstractmethod
     def aggregate_module(self, pairs: Sequence[LoraPair], p: Sequence[float]
                          ) -> tuple[list[Optional[LoraPair]], Optional[LoraPair]]:
-        raise NotImplementedError
+        """One module's clients' pairs → (each client's next pair or None to restart, base delta factors)."""
 
     def state_dict(self) -> dict:
         return {}
