@@ -42,7 +42,7 @@ def local_shard(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     plain tensor; for a DTensor the block at its global offset, for any placements (FSDP x TP's
     strided ones too: each rank's shard is still one block). DTensor's own `distribute_tensor(...,
     src_data_rank=None)` gives the same values but copies (2-3 whole tensors under FSDP x TP);
-    tests/parallel/test_init.py pins the two against each other."""
+    tests/parallel/test_parallel_init.py pins the two against each other."""
     if not isinstance(like, DTensor):
         return full
     shape, offset = compute_local_shape_and_global_offset(like.shape, like.device_mesh, like.placements)

@@ -6,7 +6,7 @@ Peak tensor memory on CPU is measured from the profiler's allocation events
 (tests/parallel/tensor_memory.py): everything the run allocates is created inside the profile
 (model, optimizer, pipeline stages), the first optimizer step creates AdamW's moments, and the
 second step is the one measured: its peak is the steady state. The start-up peak (before the first
-step) is measured and checked against the estimate in tests/parallel/test_init.py.
+step) is measured and checked against the estimate in tests/parallel/test_parallel_init.py.
 """
 
 from __future__ import annotations
