@@ -6,6 +6,10 @@ Module names are stable for tensor and pipeline parallelism: `layers` is a Modul
 global layer index, and `tok_embeddings` / `norm` / `output` may be set to None by a pipeline split.
 The model declares its own tensor-parallel plan, stage structure and per-parameter initialisation
 (parallel/plan.py); parallel/ applies them.
+
+Generation (rlhf/rollout.py) passes a `KVCache` through `forward` with per-token positions and a
+key-padding mask, so left-padded prompts of different lengths decode together, one token a step;
+without those arguments `forward(tokens)` is the training path, unchanged.
 """
 
 from __future__ import annotations
@@ -38,10 +42,65 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, T, H, D] rotated by position: x*cos + rotate_half(x)*sin, computed in float32."""
-    cos, sin = cos[None, :, None, :].float(), sin[None, :, None, :].float()
+    """x [B, T, H, D] rotated by position: x*cos + rotate_half(x)*sin, computed in float32; cos/sin
+    are [T, D] (positions 0..T-1, shared) or [B, T, D] (each token's own position)."""
+    if cos.dim() == 3:
+        cos, sin = cos[:, :, None, :].float(), sin[:, :, None, :].float()
+    else:
+        cos, sin = cos[None, :, None, :].float(), sin[None, :, None, :].float()
     xf = x.float()
     return (xf * cos + rotate_half(xf) * sin).type_as(x)
+
+
+class KVCache:
+    """Every layer's keys and values for a batch of sequences, preallocated to `max_len` tokens, with
+    which cached keys are real tokens (False at left padding). It holds the heads the layer computes,
+    so under tensor parallelism each rank caches its local kv heads only.
+
+    `Llama.forward(tokens, cache=...)` appends the new tokens' keys/values at `length` and then
+    advances it: prefill once with the prompt, then one token per step."""
+
+    def __init__(self, batch_size: int, max_len: int):
+        self.batch_size, self.max_len = batch_size, max_len
+        self.length = 0
+        self.keys: dict[str, torch.Tensor] = {}  # layer id -> [B, H_kv_local, max_len, D]
+        self.values: dict[str, torch.Tensor] = {}
+        self.key_mask: Optional[torch.Tensor] = None  # [B, max_len] bool
+
+    def update(self, layer_id: str, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [B, H, T, D] after the cached tokens; return this layer's keys/values so far."""
+        end = self.length + k.size(2)
+        if layer_id not in self.keys:  # allocated on first use: the local head count and dtype are known here
+            shape = (k.size(0), k.size(1), self.max_len, k.size(3))
+            self.keys[layer_id] = k.new_zeros(shape)
+            self.values[layer_id] = v.new_zeros(shape)
+        self.keys[layer_id][:, :, self.length:end] = k
+        self.values[layer_id][:, :, self.length:end] = v
+        return self.keys[layer_id][:, :, :end], self.values[layer_id][:, :, :end]
+
+    def extend_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Record the new tokens' padding mask [B, T]; return the mask of all keys so far [B, length + T]."""
+        end = self.length + attention_mask.size(1)
+        if end > self.max_len:
+            raise ValueError(f"KVCache holds {self.max_len} tokens; {end} requested")
+        if self.key_mask is None:
+            self.key_mask = torch.zeros(self.batch_size, self.max_len, dtype=torch.bool, device=attention_mask.device)
+        self.key_mask[:, self.length:end] = attention_mask.bool()
+        return self.key_mask[:, :end]
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+
+def decode_mask(key_mask: torch.Tensor, n_queries: int) -> torch.Tensor:
+    """SDPA's boolean mask [B, 1, T, S] for the last T = n_queries of S tokens: causal, and only real
+    keys; every token also sees itself, so a padding query's row is never empty (no NaN in its
+    output, which later layers would read through a zero attention weight)."""
+    s = key_mask.size(1)
+    q_idx = torch.arange(s - n_queries, s, device=key_mask.device)[:, None]
+    k_idx = torch.arange(s, device=key_mask.device)[None, :]
+    allowed = (k_idx <= q_idx) & (key_mask[:, None, :] | (k_idx == q_idx))
+    return allowed[:, None]
 
 
 class Attention(nn.Module):
@@ -57,19 +116,28 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Optional[KVCache] = None,
+                layer_id: str = "", mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """cos/sin [max_seq_len, D] (training: positions 0..T-1, causal) or [B, T, D] per token with
+        `mask` [B, 1, T, S] (generation, keys from `cache` when given)."""
         bs, seqlen, _ = x.shape
-        cos, sin = cos[:seqlen], sin[:seqlen]  # x holds the whole sequence, also under sequence parallelism
+        if cos.dim() == 2:
+            cos, sin = cos[:seqlen], sin[:seqlen]  # x holds the whole sequence, also under sequence parallelism
         # -1, not n_heads: a column-wise shard of wq/wk/wv holds only its local heads
         xq = self.wq(x).view(bs, seqlen, -1, self.head_dim)
         xk = self.wk(x).view(bs, seqlen, -1, self.head_dim)
         xv = self.wv(x).view(bs, seqlen, -1, self.head_dim)
         xq, xk = apply_rope(xq, cos, sin), apply_rope(xk, cos, sin)
         xq, xk, xv = (t.transpose(1, 2) for t in (xq, xk, xv))  # [B, H, T, D]
+        if cache is not None:
+            xk, xv = cache.update(layer_id, xk, xv)
         n_rep = xq.size(1) // xk.size(1)
         if n_rep > 1:  # query head h reads kv head h // n_rep, as in HF's repeat_kv
             xk, xv = xk.repeat_interleave(n_rep, dim=1), xv.repeat_interleave(n_rep, dim=1)
-        out = F.scaled_dot_product_attention(xq, xk, xv, is_causal=True)
+        if mask is None:
+            out = F.scaled_dot_product_attention(xq, xk, xv, is_causal=True)
+        else:
+            out = F.scaled_dot_product_attention(xq, xk, xv, attn_mask=mask)
         return self.wo(out.transpose(1, 2).reshape(bs, seqlen, -1))
 
 
@@ -96,8 +164,9 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.feed_forward = FeedForward(cfg.dim, cfg.ffn_dim)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, **decode) -> torch.Tensor:
+        # `decode` (cache, layer_id, mask) goes as keywords: TP's PrepareModuleInput lays out positional inputs only
+        h = x + self.attention(self.attention_norm(x), cos, sin, **decode)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -174,10 +243,13 @@ class Llama(nn.Module):
                                 self.cfg.rope_theta, device=self.rope_cos.device)
         self.rope_cos, self.rope_sin = cos, sin
 
-    def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+    def hidden(self, tokens: torch.Tensor, cache: Optional[KVCache] = None, positions: Optional[torch.Tensor] = None,
+               attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """tokens [B, T] (or hidden states [B, T, dim] on a pipeline stage without embeddings) ->
-        the blocks' output, after the final norm where this model (chunk) has it."""
+        the blocks' output, after the final norm where this model (chunk) has it. See `forward`."""
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        if cache is not None or positions is not None or attention_mask is not None:
+            return self._decode_hidden(h, cache, positions, attention_mask)
         seqlen = h.shape[1]
         if seqlen > self.rope_cos.shape[0]:
             raise ValueError(f"sequence length {seqlen} exceeds model.max_seq_len={self.rope_cos.shape[0]}")
@@ -186,9 +258,33 @@ class Llama(nn.Module):
             h = layer(h, self.rope_cos, self.rope_sin)
         return self.norm(h) if self.norm is not None else h
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [B, T] -> logits [B, T, vocab]; a chunk without the output returns hidden states."""
-        h = self.hidden(tokens)
+    def _decode_hidden(self, h: torch.Tensor, cache: Optional[KVCache], positions: Optional[torch.Tensor],
+                       attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        bs, seqlen = h.shape[:2]
+        if attention_mask is None:
+            attention_mask = torch.ones(bs, seqlen, dtype=torch.bool, device=h.device)
+        key_mask = cache.extend_mask(attention_mask) if cache is not None else attention_mask.bool()
+        if positions is None:  # HF's position_ids: real tokens counted from each row's first one
+            positions = (key_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seqlen:]
+        if int(positions.max()) >= self.rope_cos.shape[0]:
+            raise ValueError(f"position {int(positions.max())} exceeds model.max_seq_len={self.rope_cos.shape[0]}")
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # [B, T, D]: each token's own angle
+        mask = decode_mask(key_mask, seqlen)
+        for layer_id, layer in self.layers.items():
+            h = layer(h, cos, sin, cache=cache, layer_id=layer_id, mask=mask)
+        if cache is not None:
+            cache.advance(seqlen)
+        return self.norm(h) if self.norm is not None else h
+
+    def forward(self, tokens: torch.Tensor, cache: Optional[KVCache] = None, positions: Optional[torch.Tensor] = None,
+                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """tokens [B, T] -> logits [B, T, vocab]; a chunk without the output returns hidden states.
+
+        Training calls `forward(tokens)`: positions 0..T-1, causal attention. Generation may pass a
+        `cache` (keys/values of the earlier tokens, appended to), `positions` [B, T] (each token's
+        RoPE position; by default counted from each row's first real token) and `attention_mask`
+        [B, T] (the new tokens: 1 real, 0 padding; earlier tokens' mask is in the cache)."""
+        h = self.hidden(tokens, cache, positions, attention_mask)
         return self.output(h) if self.output is not None else h
 
 
