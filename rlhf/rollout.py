@@ -17,6 +17,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
+from parallel.tensor import plain_tensor
 from rlhf.batch import Batch
 from trainer.models.llama import KVCache
 
@@ -53,10 +54,8 @@ def filter_logits(logits: torch.Tensor, top_k: Optional[int] = None, top_p: Opti
 
 def _logits(model: nn.Module, tokens: torch.Tensor, cache: KVCache, positions: torch.Tensor,
             mask: torch.Tensor) -> torch.Tensor:
-    logits = model(tokens, cache=cache, positions=positions, attention_mask=mask)[:, -1]
-    if hasattr(logits, "full_tensor"):  # a vocabulary-sharded DTensor (TP): gathered here
-        logits = logits.full_tensor()
-    return logits.float()
+    # under TP the logits are vocabulary-sharded: only the last position's are gathered whole
+    return plain_tensor(model(tokens, cache=cache, positions=positions, attention_mask=mask)[:, -1:])[:, 0].float()
 
 
 @torch.no_grad()
