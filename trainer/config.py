@@ -222,7 +222,8 @@ class PlaitConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
 
 
-DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")  # what `device=` may say (trainer/launch/distributed.py picks it)
+DEVICES = "auto, cpu, cuda, cuda:N"
 
 
 def resolve_parallel(p: ParallelConfig, world_size: Optional[int]) -> int:
@@ -362,7 +363,7 @@ def check_data(d: DataConfig) -> None:
 def check_core(cfg: PlaitConfig) -> None:
     """Rules on what every task reads: device, checkpoint paths, launcher, logger."""
     if not DEVICE.fullmatch(cfg.device):
-        raise ConfigError(f"device={cfg.device!r} is not allowed; allowed: auto, cpu, cuda, cuda:N")
+        raise ConfigError(f"device={cfg.device!r} is not allowed; allowed: {DEVICES}")
     resume = cfg.checkpoint.resume
     if resume not in ("none", "latest", "auto") and not os.path.isdir(resume):
         raise ConfigError(

@@ -131,7 +131,7 @@ class Checkpointer:
         target = tmp if self.role is None else tmp / self.role  # where this group's DCP files go
         if self.rank == 0:
             self.dir.mkdir(parents=True, exist_ok=True)
-            latest = self.latest()
+            latest = self.latest() if self.role is not None else None  # only roles sweep by it
             sweep(self.dir, step, self.role, first=not self._swept,
                   latest_step=None if latest is None else finding.step_of(latest))
             self._swept = True

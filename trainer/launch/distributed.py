@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Optional
@@ -19,11 +18,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from trainer.config import DEVICE, DEVICES
 from trainer.errors import ConfigError
 from trainer.launch.slurm_env import apply_slurm_env, in_srun_task
 
 PG_TIMEOUT = timedelta(minutes=int(os.environ.get("PLAIT_PG_TIMEOUT_MIN", "10")))
-DEVICES = "auto, cpu, cuda, cuda:N"
 
 
 @dataclass
@@ -66,7 +65,7 @@ def cuda_available() -> bool:
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
     """The device `device=<name>` means for this local rank; ConfigError for anything else."""
-    if name not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", name):
+    if not DEVICE.fullmatch(name):
         raise ConfigError(f"device={name!r} is not allowed; choose one of: {DEVICES}")
     if name == "cpu" or (name == "auto" and not cuda_available()):
         return torch.device("cpu")

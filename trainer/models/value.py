@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.distributed.tensor import Replicate, Shard
-from torch.distributed.tensor.parallel import PrepareModuleInput, RowwiseParallel, SequenceParallel
+from torch.distributed.tensor.parallel import PrepareModuleInput
 
 from parallel.plan import StageStructure
 from trainer.config import ModelConfig
@@ -34,12 +34,11 @@ class LlamaValue(Llama):
         self.value_head = nn.Linear(cfg.dim, 1, bias=False)
 
     def tp_root_plan(self, sequence_parallel: bool) -> dict[str, object]:
-        between = Shard(1) if sequence_parallel else Replicate()
-        root: dict[str, object] = {
-            "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=between),
-        }
+        """The decoder's plan less the vocabulary-parallel output; the [dim -> 1] head stays whole on
+        every rank (under sequence parallelism it gathers the sequence first)."""
+        root = super().tp_root_plan(sequence_parallel)
+        del root["output"]
         if sequence_parallel:
-            root["norm"] = SequenceParallel()
             root["value_head"] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
                                                     use_local_output=True)
         return root
