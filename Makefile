@@ -27,9 +27,14 @@ demo: setup
 	rm -rf runs/demo
 	WANDB_MODE=offline $(VENV)/bin/plait name=demo logger=wandb $(DEMO_ARGS)
 
-# The tests also cover MinAtar, a GPL-licensed extra that `setup` leaves out.
-test: setup
-	$(PY) -c "import minatar" 2>/dev/null || $(PY) -m pip install -q -c $(VENV)/torch-constraint.txt "minatar>=1.0.15"
+# The tests cover every family: `make test` installs their extras (and MinAtar, a GPL-licensed
+# extra that `setup` leaves out) into the same venv; `make demo` stays lean.
+TEST_EXTRAS ?= dev,rl,deepspeed,rlhf,federated,continual
+$(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
+	$(PY) -m pip install -q -c $(VENV)/torch-constraint.txt -e ".[$(TEST_EXTRAS)]" "minatar>=1.0.15"
+	touch $@
+
+test: $(VENV)/.installed-test
 	bash .ci/slurm.sh
 	$(PY) -m pytest -q -x --timeout=900 tests
 
