@@ -277,11 +277,13 @@ def _check_deepspeed(p: ParallelConfig, precision: str) -> None:
                           "pip install 'plait[deepspeed]'; or choose parallel.dp_backend=fsdp or ddp")
 
 
-def check_combinations(cfg: PlaitConfig, world_size: Optional[int] = None) -> int:
+def check_combinations(cfg: PlaitConfig, world_size: Optional[int] = None,
+                       seq_len: Optional[tuple[str, int]] = None) -> int:
     """The cross-field rules of language-model training on a parallel layout (model, parallel and
-    trainer sections; run by the families that train an LM: pretrain, and plait-plan for every
+    trainer sections; run by the families that train an LM: pretrain, sft, and plait-plan for every
     layout it prints); fills parallel.dp_shard=-1 and parallel.microbatches=-1; returns the world
-    size the run needs."""
+    size the run needs. `seq_len`: (key, value) of the training sequence length, default data.seq_len."""
+    seq_key, seq_value = seq_len or ("data.seq_len", cfg.data.seq_len)
     for section in ("model", "parallel", "trainer"):
         check_fields(getattr(cfg, section), section + ".")
     if cfg.parallel.microbatches == -1:
@@ -296,8 +298,8 @@ def check_combinations(cfg: PlaitConfig, world_size: Optional[int] = None) -> in
                        ("model.ffn_dim", m.ffn_dim), ("model.vocab_size", m.vocab_size)):
         if value % p.tp:
             raise ConfigError(f"{key}={value} is not divisible by parallel.tp={p.tp}")
-    if cfg.data.seq_len > m.max_seq_len:
-        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    if seq_value > m.max_seq_len:
+        raise ConfigError(f"{seq_key}={seq_value} exceeds model.max_seq_len={m.max_seq_len}")
     dp = p.dp_replicate * p.dp_shard
     if t.batch_size % (dp * t.grad_accum):
         raise ConfigError(
@@ -322,7 +324,7 @@ def check_combinations(cfg: PlaitConfig, world_size: Optional[int] = None) -> in
             "parallel.dp_backend=fsdp"
         )
     if p.tp > 1 and p.sequence_parallel:
-        for key, value in (("data.seq_len", cfg.data.seq_len), ("model.max_seq_len", m.max_seq_len)):
+        for key, value in ((seq_key, seq_value), ("model.max_seq_len", m.max_seq_len)):
             if value % p.tp:
                 raise ConfigError(f"{key}={value} is not divisible by parallel.tp={p.tp}, as "
                                   "parallel.sequence_parallel=true needs; change one or set it false")

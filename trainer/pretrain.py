@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -16,7 +17,7 @@ from parallel.parallelize import parallelize
 from parallel.tensor import FullLogits, tp_loss_context
 from trainer.checkpoint import Checkpointer
 from trainer.config import PlaitConfig, as_dict
-from trainer.data import build_data
+from trainer.data import DataBundle, build_data
 from trainer.launch.distributed import DistEnv
 from trainer.loop import LoopParts, TrainLoop
 from trainer.metrics import MetricLogger, peak_flops
@@ -26,6 +27,8 @@ from trainer.models.loss import cross_entropy_loss
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.launch.preemption import PreemptionHandler
 from trainer.checkpoint.state import ModelState, OptimizerState, Progress, RNGState
+
+DataFn = Callable[[PlaitConfig, DistEnv, int, int], tuple[DataBundle, str, int]]
 
 
 def parallel_dims(cfg: PlaitConfig) -> ParallelDims:
@@ -52,7 +55,25 @@ def make_sampler(cfg: PlaitConfig, model, tokenizer, device):
     return sample if cfg.trainer.sample_tokens > 0 else None
 
 
-def run(cfg: PlaitConfig, env: DistEnv) -> dict:
+def corpus_data(cfg: PlaitConfig, env: DistEnv, dp_rank: int, dp_size: int) -> tuple[DataBundle, str, int]:
+    """Pretraining's data: the corpus packed into sequences of data.seq_len (trainer/data)."""
+    data = build_data(
+        cfg.data, cfg.model.vocab_size,
+        batch_size=cfg.trainer.batch_size // (dp_size * cfg.trainer.grad_accum),
+        dp_rank=dp_rank, dp_size=dp_size, seed=cfg.seed, is_main=env.is_main,
+        barrier=dist.barrier if dist.is_initialized() else None,
+    )
+    tokens = "streamed" if data.num_tokens is None else f"{data.num_tokens:,} tokens"
+    return data, f"data {cfg.data.source}: {tokens}", cfg.data.seq_len
+
+
+def run(cfg: PlaitConfig, env: DistEnv, data_fn: DataFn = corpus_data,
+        finish: Optional[Callable[[torch.nn.Module, DataBundle], dict]] = None,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = cross_entropy_loss) -> dict:
+    """Train a decoder on `data_fn`'s batches (default: the pretraining corpus; task=sft passes its
+    prompt/response pairs): `data_fn(cfg, env, dp_rank, dp_size) -> (DataBundle, description, seq_len)`.
+    `finish(model, data)`, run on every rank after training, adds its metrics to the summary;
+    `loss_fn(outputs, targets)` is the objective (task=rm: Bradley–Terry on a value head)."""
     dims = parallel_dims(cfg)
     mesh = build_mesh(dims, env.device.type)
     dp_rank, dp_size = dp_coords(mesh)
@@ -62,7 +83,7 @@ def run(cfg: PlaitConfig, env: DistEnv) -> dict:
     model = build_model(cfg.model, device="meta")
     n_params = num_params(model)
     model, parts, pipeline = parallelize(model, mesh, cfg.parallel, cfg.trainer.precision,
-                                         loss_fn=cross_entropy_loss, device=env.device, seed=cfg.seed)
+                                         loss_fn=loss_fn, device=env.device, seed=cfg.seed)
     optimizer = build_optimizer(parts, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.trainer.max_steps)
     model_state, optimizer_state = ModelState(parts), OptimizerState(parts, optimizer)
@@ -79,18 +100,11 @@ def run(cfg: PlaitConfig, env: DistEnv) -> dict:
         model = engine  # forward runs through it
 
     start = time.perf_counter()
-    data = build_data(
-        cfg.data, cfg.model.vocab_size,
-        batch_size=cfg.trainer.batch_size // (dp_size * cfg.trainer.grad_accum),
-        dp_rank=dp_rank, dp_size=dp_size, seed=cfg.seed, is_main=env.is_main,
-        barrier=dist.barrier if dist.is_initialized() else None,
-    )
+    data, described, seq_len = data_fn(cfg, env, dp_rank, dp_size)
     log.text(
         f"plait: {cfg.model.name} ({n_params / 1e6:.2f}M params) on {env.world_size} rank(s) "
         f"[pp={dims.pp} dp_replicate={dims.dp_replicate} dp_shard={dims.dp_shard} tp={dims.tp}], "
-        f"{env.device.type}; data {cfg.data.source}: "
-        f"{'streamed' if data.num_tokens is None else f'{data.num_tokens:,} tokens'} "
-        f"(ready in {time.perf_counter() - start:.1f}s)"
+        f"{env.device.type}; {described} (ready in {time.perf_counter() - start:.1f}s)"
     )
 
     if dims.pp > 1 and cfg.trainer.sample_tokens > 0:
@@ -125,9 +139,9 @@ def run(cfg: PlaitConfig, env: DistEnv) -> dict:
         cfg,
         LoopParts(
             model=model, parts=parts, optimizer=optimizer, scheduler=scheduler, train=data.train,
-            make_val=data.val, loss_fn=cross_entropy_loss,
+            make_val=data.val, loss_fn=loss_fn,
             sample_fn=make_sampler(cfg, parts[0], data.tokenizer, env.device),
-            flops_per_token=flops_per_token(cfg.model, cfg.data.seq_len),
+            flops_per_token=flops_per_token(cfg.model, seq_len),
             peak_flops=peak_flops(env.device, cfg.trainer.peak_flops),
             dp_group=mesh["dp"].get_group() if mesh is not None else None,
             pipeline=pipeline, pp_group=mesh["pp"].get_group() if dims.pp > 1 else None,
@@ -138,6 +152,8 @@ def run(cfg: PlaitConfig, env: DistEnv) -> dict:
     )
     try:
         history = loop.fit()  # its step boundary restores the signal handlers
+        if finish is not None and pipeline is None:
+            history.update(finish(parts[0], data))
     finally:
         log.close()
     if env.is_main and "eval/loss" in history:

@@ -9,6 +9,8 @@ of the final norm is gathered first.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 from torch.distributed.tensor import Replicate, Shard
@@ -43,7 +45,9 @@ class LlamaValue(Llama):
                                                     use_local_output=True)
         return root
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [B, T] -> values [B, T] in the head's dtype; a chunk without the head returns hidden states."""
-        h = self.hidden(tokens)
+    def forward(self, tokens: torch.Tensor, cache=None, positions: Optional[torch.Tensor] = None,
+                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """tokens [B, T] -> values [B, T] in the head's dtype; a chunk without the head returns hidden
+        states. `positions` and `attention_mask` as in Llama.forward (left-padded RLHF batches)."""
+        h = self.hidden(tokens, cache, positions, attention_mask)
         return self.value_head(h).squeeze(-1) if self.value_head is not None else h

@@ -1,0 +1,153 @@
+"""What every role's worker shares: its process group and mesh, its model built on the meta device
+and parallelized under the role's layout, its optimizer, and its part of the checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from parallel.mesh import ParallelDims, build_mesh
+from parallel.parallelize import parallelize
+from rlhf.dispatch import Mode, WorkerInfo, register, worker_info
+from trainer.checkpoint import Checkpointer
+from trainer.checkpoint.finding import find_step
+from trainer.checkpoint.state import ModelState, OptimizerState, RNGState
+from trainer.launch.distributed import init_distributed, pick_device
+from trainer.models import build_model
+from trainer.optim import build_optimizer
+
+
+@dataclass
+class WorkerSpec:
+    """Everything a worker needs to build itself (picklable: Ray ships it to the actor)."""
+
+    role: str
+    rank: int
+    world_size: int
+    model: Any  # trainer.config.ModelConfig of this role's network
+    layout: Any  # trainer.config.ParallelConfig of this role
+    optim: Any  # trainer.config.OptimConfig, lr already the role's
+    options: Any  # rlhf.config.RLHFOptions
+    seed: int
+    precision: str = "fp32"
+    device: str = "auto"
+    checkpoint_dir: str = ""
+    keep_last: int = 3
+    eos_id: int = 2  # the tokenizer's end token: a response stops after it
+    pad_id: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 0
+
+
+def layout_dims(layout) -> ParallelDims:
+    return ParallelDims(pp=layout.pp, dp_replicate=layout.dp_replicate, dp_shard=layout.dp_shard, tp=layout.tp)
+
+
+class Worker:
+    """A role's worker: `init_model` (once, on every rank) then the role's registered methods."""
+
+    trainable = True  # the reference and the reward model have no optimizer
+
+    def __init__(self, spec: WorkerSpec):
+        self.spec = spec
+        self.role = spec.role
+        self.mesh = None
+        self.model: Optional[nn.Module] = None
+        self.parts: list[nn.Module] = []
+        self.optimizer: Optional[torch.optim.Optimizer] = None
+        self.info: Optional[WorkerInfo] = None
+        self._ckpt_group = None
+
+    # --- building ---------------------------------------------------------------------------------
+
+    def _init_group(self) -> None:
+        s = self.spec
+        torch.set_num_threads(s.options.threads)
+        if s.world_size > 1:
+            os.environ.setdefault("LOCAL_WORLD_SIZE", str(s.world_size))
+            env = init_distributed(s.rank, s.world_size, master_addr=s.master_addr, master_port=s.master_port,
+                                   device=s.device, local_rank=0 if torch.cuda.is_available() else s.rank)
+            self.device = env.device
+        else:
+            self.device = pick_device(s.device, 0)
+        self.mesh = build_mesh(layout_dims(s.layout), self.device.type)
+        # checkpoint collectives on their own gloo group (sharing the compute group can deadlock)
+        self._ckpt_group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        self.info = worker_info(self.mesh, s.rank)
+
+    def build_network(self, model_cfg) -> nn.Module:
+        """A network under this role's layout, each rank initialising only its shards."""
+        model, parts, _ = parallelize(build_model(model_cfg, device="meta"), self.mesh, self.spec.layout,
+                                      self.spec.precision, device=self.device, seed=self.spec.seed)
+        self.parts = parts
+        return model
+
+    @register(Mode.ONE_TO_ALL)
+    def init_model(self, _: Any = None) -> WorkerInfo:
+        """Join the role's process group, build the network and optimizer; returns where this rank sits."""
+        self._init_group()
+        self.model = self.build_network(self.spec.model)
+        self.load_initial_weights()
+        if self.trainable:
+            self.optimizer = build_optimizer(self.parts, self.spec.optim)
+        else:
+            self.model.requires_grad_(False)
+        return self.info
+
+    def load_initial_weights(self) -> None:
+        """Weights from the role's `init_from` checkpoint (the "model" component), if one is set."""
+
+    def load_model_component(self, path: str, parts: Optional[list[nn.Module]] = None) -> None:
+        """The "model" component of a checkpoint (a step, or a run's checkpoint dir: its newest) into `parts`."""
+        step = find_step(path)
+        Checkpointer(str(step.parent), group=self._ckpt_group).load(step, {"model": ModelState(parts or self.parts)})
+
+    # --- checkpoint -------------------------------------------------------------------------------
+
+    def components(self) -> dict:
+        out = {"model": ModelState(self.parts), "rng": RNGState(self.spec.rank, seed=self.spec.seed)}
+        if self.optimizer is not None:
+            out["optimizer"] = OptimizerState(self.parts, self.optimizer)
+        return out
+
+    def _checkpointer(self, roles: tuple[str, ...], attempt: str) -> Checkpointer:
+        meta = {"task": "rlhf", "role": self.role, "world_size": self.spec.world_size,
+                "layout": {k: getattr(self.spec.layout, k) for k in ("pp", "dp_replicate", "dp_shard", "tp")}}
+        return Checkpointer(self.spec.checkpoint_dir, keep_last=self.spec.keep_last, meta=meta,
+                            group=self._ckpt_group, role=self.role, roles=roles, attempt=attempt)
+
+    @register(Mode.ONE_TO_ALL)
+    def save(self, request: dict) -> str:
+        """Save this role's part of checkpoint step `request["step"]` (all roles commit it together)."""
+        ckpt = self._checkpointer(tuple(request["roles"]), request["attempt"])
+        path = ckpt.save(request["step"], self.components(), counters=request.get("counters"))
+        ckpt.close()
+        return str(path)
+
+    @register(Mode.ONE_TO_ALL)
+    def load(self, path: str) -> None:
+        """Restore this role's components from a (multi-role) checkpoint step, under any layout."""
+        ckpt = Checkpointer(self.spec.checkpoint_dir, group=self._ckpt_group, role=self.role)
+        ckpt.load(Path(path), self.components(), role=self.role)
+
+    @register(Mode.ONE_TO_ALL)
+    def shutdown(self, _: Any = None) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def replace(cfg, **changes):
+    """A dataclass (or OmegaConf node) copy with some fields changed."""
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        return dataclasses.replace(cfg, **changes)
+    copy = cfg.copy()
+    for key, value in changes.items():
+        setattr(copy, key, value)
+    return copy
