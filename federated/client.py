@@ -135,9 +135,9 @@ def client_data(c, model_cfg, seed: int) -> list:
     return _DATA[key]
 
 
-def inject_fault(faults: str, client: int, rnd: int, timeout_s: float) -> None:
-    """`task.faults`: "<raise|exit|hang>:<client>:<round>,…" — really raise, exit the process, or stall."""
-    for item in filter(None, (f.strip() for f in faults.split(","))):
+def inject_fault(faults: list[str], client: int, rnd: int, timeout_s: float) -> None:
+    """`task.faults`: items "<raise|exit|hang>:<client>:<round>" — really raise, exit the process, or stall."""
+    for item in faults:
         kind, k, r = item.split(":")
         if int(k) != client or int(r) != rnd:
             continue

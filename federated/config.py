@@ -65,8 +65,8 @@ class FederatedConfig(TaskOptions):
     # faults: a client that raises, disconnects or misses the timeout is dropped from the round
     round_timeout_s: float = bounded(120.0, gt=0)
     min_clients: int = bounded(1, ge=1)  # replies a round needs to proceed; fewer stops the run
-    # fault injection (for testing the above): "<raise|exit|hang>:<client>:<round>", comma-separated
-    faults: str = ""
+    # fault injection (for testing the above): items "<raise|exit|hang>:<client>:<round>"
+    faults: list[str] = field(default_factory=list)
     # differential privacy on each update (federated/privacy.py); ε reported with dp-accounting
     dp: bool = False
     dp_clip_norm: float = bounded(1.0, gt=0)
