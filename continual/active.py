@@ -20,6 +20,7 @@ import abc
 
 from typing import Optional
 
+import numpy as np
 import torch
 from torch.distributed.checkpoint.stateful import Stateful
 
@@ -44,10 +45,18 @@ def within_budget(spent: int, seen: int, budget: float) -> bool:
 
 def max_posterior(posterior) -> float:
     """P̂(ŷ | x) = max_k P̂(k | x)."""
-    p = torch.as_tensor(posterior, dtype=torch.float64).reshape(-1)
-    if p.numel() < 2:
-        raise ValueError(f"a posterior holds one probability per class (at least 2), got {p.numel()}")
+    p = as_posterior(posterior)
+    if p.size < 2:
+        raise ValueError(f"a posterior holds one probability per class (at least 2), got {p.size}")
     return float(p.max())
+
+
+def as_posterior(posterior) -> np.ndarray:
+    """Class probabilities as a flat float64 array (from a list, an array or a tensor). numpy, not
+    torch: a strategy is consulted once per sample, where torch's per-call overhead dominates."""
+    if isinstance(posterior, torch.Tensor):
+        posterior = posterior.detach().cpu().numpy()
+    return np.asarray(posterior, dtype=np.float64).reshape(-1)
 
 
 def random_rule(xi: float, budget: float) -> bool:
@@ -90,12 +99,12 @@ class QueryStrategy(Stateful, abc.ABC):
         self.seen += 1
         if not within_budget(self.spent, self.seen, self.budget):
             return False
-        ask = self.decide(torch.as_tensor(posterior, dtype=torch.float64).reshape(-1))
+        ask = self.decide(as_posterior(posterior))
         self.spent += int(ask)
         return ask
 
     @abc.abstractmethod
-    def decide(self, posterior: torch.Tensor) -> bool:
+    def decide(self, posterior: np.ndarray) -> bool:
         """The strategy's own rule, consulted only within the budget."""
 
     @property
@@ -126,7 +135,7 @@ class QueryStrategy(Stateful, abc.ABC):
 class RandomStrategy(QueryStrategy):
     """Label each sample with probability B, whatever the learner thinks."""
 
-    def decide(self, posterior: torch.Tensor) -> bool:
+    def decide(self, posterior: np.ndarray) -> bool:
         return random_rule(self._uniform(), self.budget)
 
 
@@ -138,7 +147,7 @@ class FixedUncertainty(QueryStrategy):
         super().__init__(budget, seed)
         self.threshold = float(threshold)
 
-    def decide(self, posterior: torch.Tensor) -> bool:
+    def decide(self, posterior: np.ndarray) -> bool:
         return uncertainty_rule(max_posterior(posterior), self.threshold)
 
 
@@ -154,7 +163,7 @@ class VariableUncertainty(QueryStrategy):
         self.threshold = float(threshold)
         self.step = step
 
-    def decide(self, posterior: torch.Tensor) -> bool:
+    def decide(self, posterior: np.ndarray) -> bool:
         ask = uncertainty_rule(max_posterior(posterior), self.threshold)
         self.threshold = variable_threshold(self.threshold, ask, self.step)
         return ask
@@ -171,7 +180,7 @@ class RandomizedVariableUncertainty(VariableUncertainty):
             raise ConfigError(f"delta={delta} is out of range; allowed: a number > 0 (the std of η)")
         self.delta = delta
 
-    def decide(self, posterior: torch.Tensor) -> bool:
+    def decide(self, posterior: np.ndarray) -> bool:
         theta = randomized_threshold(self.threshold, self._normal(1.0, self.delta))
         ask = uncertainty_rule(max_posterior(posterior), theta)
         self.threshold = variable_threshold(self.threshold, ask, self.step)
@@ -189,8 +198,8 @@ class SelectiveSampling(QueryStrategy):
         if self.b <= 0:
             raise ConfigError(f"b={b} is out of range; allowed: a number > 0")
 
-    def decide(self, posterior: torch.Tensor) -> bool:
-        p = selective_sampling_probability(max_posterior(posterior), self.b, posterior.numel())
+    def decide(self, posterior: np.ndarray) -> bool:
+        p = selective_sampling_probability(max_posterior(posterior), self.b, posterior.size)
         return self._uniform() < p
 
 
@@ -206,7 +215,7 @@ class Split(VariableUncertainty):
             raise ConfigError(f"random_fraction={random_fraction} is out of range; allowed: a number in (0, 1)")
         self.random_fraction = random_fraction
 
-    def decide(self, posterior: torch.Tensor) -> bool:
+    def decide(self, posterior: np.ndarray) -> bool:
         if self._uniform() < self.random_fraction:
             return random_rule(self._uniform(), self.budget)
         return super().decide(posterior)

@@ -41,7 +41,7 @@ class ContinualConfig(TaskOptions):
     tpp_hidden: int = bounded(32, ge=4)
     tpp_layers: int = bounded(2, ge=1)
     tpp_heads: int = bounded(2, ge=1)
-    tpp_lr: float = bounded(3e-3, gt=0)  # Adam, fresh for each period
+    tpp_lr: float = bounded(1e-2, gt=0)  # Adam, fresh for each period
     integration_points: int = bounded(8, ge=1)  # midpoint rule per inter-event interval for ∫λ
     prompt_pool_size: int = bounded(10, ge=1)  # M
     prompt_top_n: int = bounded(5, ge=1)  # N ≤ M

@@ -175,6 +175,10 @@ class PrequentialAccuracy(Stateful):
 
     def update(self, correct) -> None:
         """Score one prediction (True/1: right) or a batch of them, in stream order."""
+        if isinstance(correct, (bool, int, float)):  # one sample: the per-sample hot path
+            self.correct_sum, self.count = prequential_update(self.correct_sum, self.count, float(correct), self.fading)
+            self.seen += 1
+            return
         for c in torch.as_tensor(correct).reshape(-1).tolist():
             self.correct_sum, self.count = prequential_update(self.correct_sum, self.count, float(c), self.fading)
             self.seen += 1

@@ -1,6 +1,6 @@
 """Task runner of `task=active`: stream-based active learning, test-then-train, under a budget.
 
-Each sample of the stream: the learner predicts (scored for the prequential accuracy), the query
+Each sample of the stream (standardised by the running statistics of the inputs so far): the learner predicts (scored for the prequential accuracy), the query
 strategy decides from the predicted probabilities whether to buy its label, and only then, if
 bought, the learner learns from it. One step = one sample. The step boundary saves the learner,
 the strategy (threshold, labels spent, samples seen, its RNG), the prequential tally, the curve so
@@ -17,7 +17,7 @@ import torch
 from continual.active import STRATEGIES
 from continual.config import ActiveConfig
 from continual.metrics import PrequentialAccuracy
-from continual.online import ONLINE_LEARNERS
+from continual.online import ONLINE_LEARNERS, Predictions, prequential_step, running_standardise
 from continual.streams import build_stream, tensors
 from continual.task import strategy_kwargs
 from trainer.boundary import StepBoundary
@@ -29,24 +29,13 @@ from trainer.launch.preemption import PreemptionHandler
 from trainer.metrics import MetricLogger
 
 
-def prequential_step(learner, strategy, prequential: PrequentialAccuracy, x: torch.Tensor, y: int) -> bool:
-    """Test, then (if the strategy buys the label) train, on one sample; returns whether it was labelled."""
-    z = learner.standardise(x)
-    p = learner.predict_proba(z)
-    prequential.update(int(p.argmax()) == y)
-    ask = strategy.query(p)
-    if ask:
-        learner.learn(z, p, y)
-    return ask
-
-
 def run(cfg: PlaitConfig, env: DistEnv) -> dict:
     c: ActiveConfig = cfg.task
     torch.set_num_threads(c.threads)
     stream = build_stream(c.stream, cfg.seed)
     x, y = tensors(stream.data)
     n = min(len(y), c.max_samples) if c.max_samples else len(y)
-    x, y = x[:n].double(), y[:n].tolist()
+    z, y = running_standardise(x[:n].double().numpy()), y[:n].tolist()
     learner = ONLINE_LEARNERS.get(c.learner)(stream.dim, stream.num_classes, c.lr, c.l2, cfg.seed)
     cls = STRATEGIES.get(c.strategy)
     strategy = cls(budget=c.budget, seed=cfg.seed, **strategy_kwargs(cls, c))
@@ -72,11 +61,12 @@ def run(cfg: PlaitConfig, env: DistEnv) -> dict:
                             save_final=cfg.checkpoint.save_final, log=log.text, preemption=PreemptionHandler(),
                             counters=lambda: {"labels": strategy.spent},
                             saved_at=progress.step if resume is not None else -1)
+    predictions = Predictions(learner, z)
     unshown = 0
     try:
         while progress.step < n:
             i = progress.step
-            labelled = prequential_step(learner, strategy, prequential, x[i], y[i])
+            labelled = prequential_step(learner, predictions, strategy, prequential, i, y[i])
             progress.step = i + 1
             progress.samples += int(labelled)
             unshown += 1
