@@ -72,12 +72,11 @@ class FederatedConfig(TaskOptions):
     dp_clip_norm: float = bounded(1.0, gt=0)
     dp_noise_multiplier: float = bounded(1.0, ge=0)
     dp_delta: float = bounded(1e-5, gt=0, lt=1)
-    # deploy: Flower's SuperLink; spawn_local starts one SuperLink and num_clients SuperNodes here
+    # deploy: Flower's SuperLink (its HTTP runtime API, host:port); spawn_local starts it and
+    # num_clients SuperNodes on this machine (SuperNode k serves its ClientApps on supernode_port + k)
     spawn_local: bool = True
-    superlink: str = "127.0.0.1"  # host of an existing SuperLink when spawn_local=false
-    fleet_port: int = bounded(9092, ge=1, le=65535)
-    control_port: int = bounded(9093, ge=1, le=65535)
-    serverappio_port: int = bounded(9091, ge=1, le=65535)
+    superlink: str = "127.0.0.1:9093"
+    supernode_port: int = bounded(9094, ge=1, le=65000)
     # plumbing
     sim_cpus_per_client: float = bounded(1.0, gt=0)  # Ray resources per simulated client
     plots: bool = True  # accuracy per round and the plan, as PNGs in the run directory

@@ -210,5 +210,5 @@ def deployed_main(grid: Grid, context: Context) -> None:
     with open(path) as f:
         cfg = validate(json.load(f))
     summary = serve(cfg, lambda spec, log: FlowerTransport(grid, cfg.task.num_clients, spec, wait_s=120, log=log))
-    with open(path.replace(".json", ".summary.json"), "w") as f:
+    with open(path.replace(".json", ".summary.json"), "w") as f:  # read by federated/deploy.py
         json.dump(summary, f)

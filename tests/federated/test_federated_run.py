@@ -129,3 +129,52 @@ def test_simulation_drops_faulty_clients_and_equals_the_local_run(tmp_path):
     assert [r["train_loss"] for r in a] == [r["train_loss"] for r in b]
     assert "client0/bytes_up" in a[0] and "client0/round_s" in a[0] and "client0/compute_s" in a[0]
     assert (tmp_path / "sim" / "accuracy.png").stat().st_size > 0 and (tmp_path / "sim" / "plan.png").exists()
+
+
+def free_port(n: int = 1) -> int:
+    """A base port with n free ports after it (SuperLink, then one per SuperNode)."""
+    import socket
+
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + n < 65000 and all(_free(base + i) for i in range(n + 1)):
+            return base
+    raise RuntimeError("no free ports")
+
+
+def _free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+@pytest.mark.slow
+def test_deploy_on_localhost_equals_local_and_drops_a_killed_supernode(tmp_path):
+    """One SuperLink and two SuperNodes on localhost (`flwr run`, FLWR_HOME under the run dir). After
+    round 1 SuperNode 1 is killed: it is dropped once the round times out, the run finishes with the
+    other, and every round equals task.mode=local with client 1 failing in the same rounds."""
+    port = free_port(3)
+    args = ["task.num_clients=2", "task.rounds=2", "task.round_timeout_s=30", "task.plots=false"]
+    proc = plait(tmp_path / "dep", "task.mode=deploy", f"task.superlink=127.0.0.1:{port}",
+                 f"task.supernode_port={port + 1}", *args, popen=True)
+    metrics = tmp_path / "dep" / "metrics.jsonl"
+    deadline = time.time() + 200
+    while not (metrics.exists() and metrics.read_text().strip()):
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else ""
+        time.sleep(0.1)
+    pids = json.loads((tmp_path / "dep" / "flwr" / "pids.json").read_text())
+    os.killpg(pids["supernode1"], signal.SIGKILL)
+    out, _ = proc.communicate(timeout=200)
+    assert proc.returncode == 0, out[-3000:]
+    a = rows(tmp_path / "dep")
+    assert a[0]["participants"] == 2 and a[-1]["participants"] == 1
+    assert "client 1 dropped" in out
+    failed = [f"raise:1:{r['step']}" for r in a if r["participants"] == 1]
+    plait(tmp_path / "local", "task.mode=local", *args, f"task.faults=[{','.join(failed)}]")
+    b = rows(tmp_path / "local")
+    for key in ("accuracy", "train_loss", "bytes_up", "bytes_down", "participants"):
+        assert [r[key] for r in a] == [r[key] for r in b], key
+    assert f'address = "127.0.0.1:{port}"' in (tmp_path / "dep" / "flwr" / "flwr_home" / "config.toml").read_text()

@@ -1,0 +1,147 @@
+"""`task.mode=deploy`: the federation through a Flower SuperLink and SuperNodes, launched with
+`flwr run` (flwr 1.42). Since flwr 1.26 the connection settings live in `$FLWR_HOME/config.toml`;
+each run gets its own FLWR_HOME under the run directory, so nothing is read from or written to ~/.flwr.
+
+With `task.spawn_local=true` (the default) this process starts one SuperLink
+(`flower-superlink --insecure`) and `task.num_clients` SuperNodes (`flower-supernode --insecure
+--node-config 'partition-id=k num-partitions=K'`) on this machine, and stops them at the end. With
+`spawn_local=false` they run elsewhere (docs/federated.md has a Slurm recipe) and `task.superlink`
+names the SuperLink. The ServerApp (federated/flower_app.py `server_app`) runs Plait's server loop
+inside the SuperLink's `flwr-serverapp` process: it reads the config from the JSON file named by
+the run config `plait-config` and writes its summary next to it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from trainer.config import PlaitConfig, as_dict
+
+APP_TOML = """[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "plait-federated"
+version = "1.0.0"
+description = "Plait's federated LoRA ServerApp and ClientApp (federated/flower_app.py)"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.hatch.build.targets.wheel]
+packages = ["."]
+
+[tool.flwr.app]
+publisher = "plait"
+
+[tool.flwr.app.components]
+serverapp = "federated.flower_app:server_app"
+clientapp = "federated.flower_app:client_app"
+
+[tool.flwr.app.config]
+plait-config = ""
+"""
+
+FLOWER_CONFIG = """[superlink]
+default = "plait"
+
+[superlink.plait]
+address = "{address}"
+insecure = true
+"""
+
+
+def write_app(root: Path, superlink: str) -> tuple[Path, Path]:
+    """(the Flower app directory, FLWR_HOME): pyproject.toml naming Plait's apps, config.toml naming the SuperLink."""
+    app, home = root / "flwr_app", root / "flwr_home"
+    app.mkdir(parents=True, exist_ok=True)
+    home.mkdir(parents=True, exist_ok=True)
+    (app / "pyproject.toml").write_text(APP_TOML)
+    (home / "config.toml").write_text(FLOWER_CONFIG.format(address=superlink))
+    return app, home
+
+
+def wait_port(host: str, port: int, seconds: float, what: str, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with status {proc.returncode} before listening on {host}:{port}")
+        with socket.socket() as s:
+            s.settimeout(0.5)
+            if s.connect_ex((host, port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"{what} did not listen on {host}:{port} within {seconds:.0f} s")
+
+
+class Processes:
+    """Flower's processes this run started, each in its own session, stopped (whole group) at the end."""
+
+    def __init__(self, root: Path, env: dict):
+        self.root, self.env = root, env
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, cmd: list[str]) -> subprocess.Popen:
+        log = open(self.root / f"{name}.log", "w")
+        proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs[name] = proc
+        (self.root / "pids.json").write_text(json.dumps({n: p.pid for n, p in self.procs.items()}))
+        return proc
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+def deploy(cfg: PlaitConfig) -> dict:
+    c = cfg.task
+    root = Path(cfg.run_dir) / "flwr"
+    root.mkdir(parents=True, exist_ok=True)
+    app, home = write_app(root, c.superlink)
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "FLWR_HOME": str(home), "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}",
+           "OMP_NUM_THREADS": str(c.threads)}
+    spec = root / "federation.json"
+    summary_path = root / "federation.summary.json"
+    summary_path.unlink(missing_ok=True)
+    spec.write_text(json.dumps({**as_dict(cfg), "run_dir": str(Path(cfg.run_dir).resolve())}))
+    host, port = c.superlink.rsplit(":", 1)
+    procs = Processes(root, env)
+    try:
+        if c.spawn_local:
+            link = procs.start("superlink", [f"{bin_dir}/flower-superlink", "--insecure", "--host", host,
+                                             "--port", port, "--disable-runtime-dependency-installation"])
+            wait_port(host, int(port), 60, "flower-superlink", link)
+            for k in range(c.num_clients):
+                procs.start(f"supernode{k}", [f"{bin_dir}/flower-supernode", "--insecure", "--superlink", c.superlink,
+                                              "--node-config", f"partition-id={k} num-partitions={c.num_clients}",
+                                              "--port", str(c.supernode_port + k)])
+        out = subprocess.run([f"{bin_dir}/flwr", "run", str(app), "plait", "--stream",
+                              "--run-config", f'plait-config="{spec.resolve()}"'],
+                             env=env, cwd=str(app), capture_output=True, text=True)
+        for line in out.stdout.splitlines():  # the ServerApp's own lines (Flower's INFO lines left out)
+            if line.startswith(("plait", "round", "client", "planner", "modules", "checkpoint", "objective",
+                                "resumed", " ")) or "dropped" in line:
+                print(line, flush=True)
+        if not summary_path.exists():
+            tail = "\n".join((out.stdout + out.stderr).splitlines()[-30:])
+            raise RuntimeError(f"flwr run ended (status {out.returncode}) without Plait's summary; its output:\n{tail}")
+        return json.loads(summary_path.read_text())
+    finally:
+        procs.stop()
