@@ -203,7 +203,8 @@ def image_segments(seed: int) -> SampleStream:
 
 @register_stream("shuttle", "samples")
 def shuttle(seed: int) -> SampleStream:
-    """river's bundled Shuttle (49,097 × 9, 7 classes, heavily imbalanced), first 10,000 samples."""
+    """river's bundled Shuttle (49,097 × 9, 7 classes, heavily imbalanced), first 10,000 samples
+    (2 of the classes occur in them; labels are numbered over those)."""
     from river import datasets
 
     return river_stream("shuttle", datasets.Shuttle(), 10_000)

@@ -155,16 +155,13 @@ def plait(*args, cwd):
 
 
 def test_bad_input_exits_2_with_one_line_naming_the_key(tmp_path):
+    """Through the CLI (a subprocess each): one `plait: error:` line, exit 2, nothing of the run written."""
     cases = [
         (["task=continual", "task.stream=cifar"], "task.stream='cifar' is not a registered stream"),
-        (["task=continual", "task.learner=gem"], "task.learner='gem' is not a registered learner"),
-        (["task=active", "task.strategy=entropy"], "task.strategy='entropy' is not a registered query strategy"),
-        (["task=active", "task.budget=0"], "task.budget=0.0 is out of range; allowed: a number in (0, 1]"),
-        (["task=active", "task.budget=1.2"], "task.budget=1.2 is out of range"),
+        (["task=active", "task.budget=1.2"], "task.budget=1.2 is out of range; allowed: a number in (0, 1]"),
         (["task=continual", "task.splitting=chunk", "task.num_codebooks=48", "task.dim_keys=null"],
          "task.num_codebooks=48 does not divide the encoder's output width 256"),
-        (["task=continual", "task.learner=prompt_tpp"], "task.stream='split_digits' is a stream of experiences"),
-        (["task=active", "task.stream=split_digits"], "task.stream='split_digits' is a stream of experiences"),
+        (["task=active", "task.strategy=entropy"], "task.strategy='entropy' is not a registered query strategy"),
     ]
     for args, words in cases:
         out = plait(*args, cwd=tmp_path)
@@ -173,6 +170,36 @@ def test_bad_input_exits_2_with_one_line_naming_the_key(tmp_path):
         assert len(errors) == 1 and words in errors[0], (args, out.stderr[-800:])
     written = {p.name for p in tmp_path.rglob("*") if ".hydra" not in p.parts}  # Hydra's .hydra/ and cli.log aside
     assert not written & {"metrics.jsonl", "checkpoints", "config.yaml", "continual.png", "active.png"}
+
+
+def test_every_refusal_names_its_key(tmp_path):
+    """The same checks in process (what the CLI runs before any rank)."""
+    from trainer.errors import ConfigError
+
+    continual_cases = [
+        (dict(learner="gem"), "task.learner='gem' is not a registered learner; allowed: ewc, finetune"),
+        (dict(learner="prompt_tpp"), "task.stream='split_digits' is a stream of experiences, which "
+                                     "task.learner=prompt_tpp does not take; allowed: hawkes_regimes"),
+        (dict(encoder="resnet"), "task.encoder='resnet' is not a registered encoder"),
+        (dict(splitting="chunk", dim_keys=3), "dim_keys=3 must equal dim_embed/num_codebooks=4"),
+        (dict(learner="tpp", stream="hawkes_regimes", prompt_top_n=11), "task.prompt_top_n=11 exceeds"),
+        (dict(splitting="pca"), "task.splitting='pca' is not allowed"),
+    ]
+    for task, words in continual_cases:
+        with pytest.raises(ConfigError) as err:
+            continual_config(tmp_path / "c", **task)
+        assert words in str(err.value), str(err.value)
+    active_cases = [
+        (dict(budget=0.0), "task.budget=0.0 is out of range"),
+        (dict(stream="split_digits"), "task.stream='split_digits' is a stream of experiences, which task=active"),
+        (dict(learner="svm"), "task.learner='svm' is not a registered online learner; allowed: logistic, mlp"),
+        (dict(strategy="split", random_fraction=1.0), "task.random_fraction=1.0 is out of range"),
+    ]
+    for task, words in active_cases:
+        with pytest.raises(ConfigError) as err:
+            active_config(tmp_path / "a", **task)
+        assert words in str(err.value), str(err.value)
+    assert not (tmp_path / "c").exists() and not (tmp_path / "a").exists()
 
 
 @pytest.mark.slow
