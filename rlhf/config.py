@@ -38,6 +38,7 @@ class PromptData:
     tokenizer: str = "chars"  # "chars": the arithmetic alphabet; else a tokenizer.json path
     digits: int = bounded(2, ge=1, le=9)  # arithmetic: operands of 1..digits digits
     operators: str = "+"  # arithmetic: any of + - *
+    reverse_answer: bool = True  # arithmetic: answers least significant digit first (learnable by small models)
     train_size: int = bounded(4096, ge=1)  # arithmetic: training problems (a file: all its rows)
     heldout_size: int = bounded(256, ge=1)  # arithmetic: held-out problems for exact-match accuracy
 

@@ -26,8 +26,10 @@ from rlhf.workers.base import WorkerSpec, layout_dims, replace
 from rlhf.workers.critic import value_config
 from trainer.boundary import StepBoundary
 from trainer.checkpoint import Checkpointer
+from trainer.checkpoint.manifest import CheckpointError
 from trainer.checkpoint.state import Progress, RNGState
 from trainer.config import PlaitConfig, as_dict
+from trainer.errors import ConfigError
 from trainer.launch.distributed import DistEnv
 from trainer.launch.preemption import PreemptionHandler
 from trainer.metrics import MetricLogger
@@ -174,6 +176,8 @@ def run(cfg: PlaitConfig, env: DistEnv) -> dict:
                                 saved_at=progress.step if resume is not None else -1)
         history = iterate(o, driver, progress, boundary, log)
     except WorkerFailure as failure:
+        if isinstance(failure.cause, (ConfigError, CheckpointError)):  # bad input found by a worker: one line, exit 2
+            raise type(failure.cause)(f"[{failure.role} rank {failure.rank}] {failure.cause}") from None
         print(f"plait: error: {failure}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
     finally:

@@ -28,8 +28,10 @@ def is_heldout(prompt: str, heldout_fraction: float) -> bool:
 
 
 def problems(seed: int, digits: int = 2, operators: str = "+", split: str = "train",
-             heldout_fraction: float = 0.1) -> Iterator[Problem]:
-    """An endless stream of problems with operands of 1..`digits` digits, of one split."""
+             heldout_fraction: float = 0.1, reverse_answer: bool = False) -> Iterator[Problem]:
+    """An endless stream of problems with operands of 1..`digits` digits, of one split.
+    `reverse_answer`: the answer's digits least significant first, the order in which a small
+    transformer can compute carries (Lee et al. 2023, "Teaching Arithmetic to Small Transformers")."""
     if split not in ("train", "heldout"):
         raise ValueError(f"split={split!r}; allowed: train, heldout")
     rng = random.Random(seed)
@@ -44,7 +46,8 @@ def problems(seed: int, digits: int = 2, operators: str = "+", split: str = "tra
         prompt = f"{a}{op}{b}="
         if is_heldout(prompt, heldout_fraction) != (split == "heldout"):
             continue
-        yield Problem(prompt, str(eval(f"{a}{op}{b}")))  # noqa: S307 - two integers and an operator
+        answer = str(eval(f"{a}{op}{b}"))  # noqa: S307 - two integers and an operator
+        yield Problem(prompt, answer[::-1] if reverse_answer else answer)
 
 
 def take(stream: Iterator[Problem], n: int) -> list[Problem]:

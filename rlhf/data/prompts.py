@@ -58,7 +58,7 @@ def prompt_records(data, split: str, seed: int, key: str = "task.prompts") -> li
     has no held-out split of its own: its last 5% serve)."""
     if data.source == "arithmetic":
         size = data.train_size if split == "train" else data.heldout_size
-        stream = arithmetic.problems(seed, data.digits, data.operators, split)
+        stream = arithmetic.problems(seed, data.digits, data.operators, split, reverse_answer=data.reverse_answer)
         return [{"prompt": p.prompt, "answer": p.answer} for p in arithmetic.take(stream, size)]
     fields = {data.prompt_field: f"{key}.prompt_field", data.answer_field: f"{key}.answer_field"}
     rows = load_rows(data.source, fields, f"{key}.source")

@@ -10,8 +10,8 @@ from rlhf.dispatch import Contract, WorkerInfo, collect, contract_of, dispatch, 
 class WorkerFailure(RuntimeError):
     """A worker raised (or died, or timed out): which role, which rank, and its own traceback."""
 
-    def __init__(self, role: str, rank: int, method: str, detail: str):
-        self.role, self.rank, self.method, self.detail = role, rank, method, detail
+    def __init__(self, role: str, rank: int, method: str, detail: str, cause: Optional[BaseException] = None):
+        self.role, self.rank, self.method, self.detail, self.cause = role, rank, method, detail, cause
         super().__init__(f"{role} worker rank {rank} failed in {method}:\n{detail.rstrip()}")
 
 

@@ -23,7 +23,7 @@ class LocalWorkerGroup(WorkerGroup):
         try:
             out = {rank: getattr(self.worker, method)(x) for rank, x in inputs.items()}
         except Exception as err:
-            raise WorkerFailure(self.role, 0, method, traceback.format_exc()) from err
+            raise WorkerFailure(self.role, 0, method, traceback.format_exc(), cause=err) from err
         return lambda: out
 
     def close(self) -> None:

@@ -6,8 +6,10 @@ traceback, not Ray's wrapper."""
 from __future__ import annotations
 
 import os
+import re
 import socket
 import time
+import traceback
 from dataclasses import replace
 from typing import Any, Callable, Optional
 
@@ -22,6 +24,7 @@ def ensure_ray(address: str = "", num_cpus: Optional[int] = None) -> bool:
 
     if ray.is_initialized():
         return False
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # CPU workers keep the visible devices as they are
     env = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     if address:
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
@@ -51,7 +54,11 @@ class WorkerHost:
         return os.getpid()
 
     def call(self, method: str, data: Any) -> Any:
-        return getattr(self.worker, method)(data)
+        try:
+            return getattr(self.worker, method)(data)
+        except BaseException as err:  # the traceback as the worker saw it travels with the error
+            err.worker_traceback = traceback.format_exc()
+            raise
 
 
 class RayWorkerGroup(WorkerGroup):
@@ -75,7 +82,7 @@ class RayWorkerGroup(WorkerGroup):
                                 f"{timeout:.0f}s: the cluster has {ray.available_resources()}") from None
         host = ray.remote(WorkerHost)
         self.actors = [host.options(num_cpus=num_cpus, num_gpus=num_gpus, name=None,
-                                    scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, bundle_index=r)).remote()
+                                    scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r)).remote()
                        for r in range(spec.world_size)]
         ip, port, _ = self._get(self.actors[0].address.remote(), 0, "address")
         specs = [replace(spec, rank=r, master_addr=ip, master_port=port) for r in range(spec.world_size)]
@@ -88,7 +95,9 @@ class RayWorkerGroup(WorkerGroup):
         try:
             return ray.get(ref, timeout=self.timeout)
         except ray.exceptions.RayTaskError as err:  # the worker raised: show its own traceback
-            raise WorkerFailure(self.role, rank, method, _worker_traceback(err)) from None
+            cause = getattr(err, "cause", None)
+            detail = getattr(cause, "worker_traceback", None) or _worker_traceback(err)
+            raise WorkerFailure(self.role, rank, method, detail, cause=cause) from None
         except ray.exceptions.GetTimeoutError:
             raise WorkerFailure(self.role, rank, method, f"no answer within task.worker_timeout={self.timeout:.0f}s") from None
         except ray.exceptions.RayActorError as err:
@@ -127,9 +136,7 @@ class RayWorkerGroup(WorkerGroup):
 
 def _worker_traceback(err) -> str:
     """The traceback the worker printed, without Ray's framing."""
-    text = str(err)
-    start = text.find("Traceback (most recent call last):")
-    return text[start:] if start >= 0 else text
+    return re.sub(r"\x1b\[[0-9;]*m", "", str(err))
 
 
 def worker_resources(device: str, workers: int) -> tuple[float, float]:

@@ -28,6 +28,35 @@ def sampling_seed(seed: int, iteration: int, dp_rank: int, stream: int = 0) -> i
     return (seed * 1_000_003 + iteration * 9_973 + dp_rank * 101 + stream) % (2 ** 63)
 
 
+def policy_gradients(model, batch: Batch, o, scale: LossScale, dp_size: int) -> dict[str, float]:
+    """Backward of this part's share of the mini-batch policy loss (clipped surrogate − entropy
+    bonus + KL loss, aggregated by `o.loss_agg_mode` over the WHOLE mini-batch's `scale`), one
+    micro-batch at a time. Data-parallel reduction averages gradients over `dp_size` workers, so
+    each share is scaled by it: the summed gradient is the mini-batch's, however it is split.
+    Returns token-weighted metrics (a worker's share of the mini-batch's)."""
+    policy_loss = POLICY_LOSSES.get("ppo_clip")
+    stats: dict[str, float] = {}
+    for mb in micro_batches(batch, o.responses_per_micro_batch):
+        mask = mb["response_mask"]
+        log_prob, entropy = token_log_probs(response_logits(model, mb), mb["responses"], o.temperature,
+                                            with_entropy=o.entropy_coef > 0)
+        loss_mat, m = policy_loss(log_prob, mb["old_log_probs"], mb["advantages"], mask,
+                                  o.clip_ratio_low, o.clip_ratio_high, o.clip_ratio_c)
+        if entropy is not None:
+            loss_mat = loss_mat - o.entropy_coef * entropy
+        if o.use_kl_loss:
+            kl_mat = kl(log_prob, mb["ref_log_probs"], o.kl_estimator)
+            loss_mat = loss_mat + o.kl_loss_coef * kl_mat
+            m["kl_loss"] = float((kl_mat.detach() * mask).sum() / mask.sum().clamp(min=1))
+        loss = aggregate(loss_mat, mask, o.loss_agg_mode, scale) * dp_size
+        loss.backward()
+        share = float(mask.sum()) / max(scale.num_tokens, 1) * dp_size  # this micro-batch's token weight
+        m["pg_loss"] = float(loss.detach())
+        for k, v in m.items():
+            stats[k] = stats.get(k, 0.0) + (v if k == "pg_loss" else v * share)
+    return stats
+
+
 class ActorWorker(Worker):
     """The policy π_θ."""
 
@@ -70,31 +99,9 @@ class ActorWorker(Worker):
     def update_actor(self, batch: Batch) -> Batch:
         """One optimizer step on this worker's part of a mini-batch. meta["scale"]: the whole
         mini-batch's LossScale, so Σ over workers and micro-batches is the mini-batch's loss."""
-        o = self.spec.options
-        scale = LossScale(**batch.meta["scale"])
-        dp = self.info.dp_size  # data-parallel gradient reduction averages: undo it, the loss is a sum
         self.model.train()
-        policy_loss = POLICY_LOSSES.get("ppo_clip")
-        stats: dict[str, float] = {}
-        for mb in micro_batches(batch, o.responses_per_micro_batch):
-            mb = mb.to(self.device)
-            mask = mb["response_mask"]
-            log_prob, entropy = token_log_probs(response_logits(self.model, mb), mb["responses"], o.temperature,
-                                                with_entropy=o.entropy_coef > 0)
-            loss_mat, m = policy_loss(log_prob, mb["old_log_probs"], mb["advantages"], mask,
-                                      o.clip_ratio_low, o.clip_ratio_high, o.clip_ratio_c)
-            if entropy is not None:
-                loss_mat = loss_mat - o.entropy_coef * entropy
-            if o.use_kl_loss:
-                kl_mat = kl(log_prob, mb["ref_log_probs"], o.kl_estimator)
-                loss_mat = loss_mat + o.kl_loss_coef * kl_mat
-                m["kl_loss"] = float((kl_mat * mask).sum() / mask.sum().clamp(min=1))
-            loss = aggregate(loss_mat, mask, o.loss_agg_mode, scale)
-            (loss * dp).backward()
-            share = float(mask.sum()) / max(scale.num_tokens, 1) * dp  # token weight of this micro-batch
-            m["pg_loss"] = float(loss.detach()) * dp
-            for k, v in m.items():
-                stats[k] = stats.get(k, 0.0) + v * (1.0 if k == "pg_loss" else share)
+        stats = policy_gradients(self.model, batch.to(self.device), self.spec.options,
+                                 LossScale(**batch.meta["scale"]), self.info.dp_size)
         norm = clip_grad_norm([p for part in self.parts for p in part.parameters()], self.spec.optim.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
