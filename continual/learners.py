@@ -14,6 +14,7 @@ The TPP learners (`tpp`, `prompt_tpp`) take event streams and live in `continual
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -62,9 +63,15 @@ class Learner(nn.Module):
         raise NotImplementedError
 
     @torch.no_grad()
-    def accuracy(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        """Fraction of x classified as y (over all classes: the class-incremental reading)."""
-        return float((self.logits(x).argmax(-1) == y).double().mean())
+    def accuracy(self, x: torch.Tensor, y: torch.Tensor, classes: Optional[tuple[int, ...]] = None) -> float:
+        """Fraction of x classified as y: the arg-max over all classes (class- and domain-incremental),
+        or over `classes` only (task-incremental: the experience's identity is given)."""
+        logits = self.logits(x)
+        if classes is not None:
+            allowed = torch.zeros(logits.shape[-1], dtype=torch.bool)
+            allowed[list(classes)] = True
+            logits = logits.masked_fill(~allowed, float("-inf"))
+        return float((logits.argmax(-1) == y).double().mean())
 
     def batches(self, n: int, batch_size: int):
         """One epoch of shuffled mini-batch indices, from the learner's own generator."""

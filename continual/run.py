@@ -56,12 +56,13 @@ class Evaluator:
         if stream.kind == "events":
             self.tests = [p.test for p in stream.periods]
         else:
-            self.tests = [tensors(e.test) for e in stream.experiences]
+            task_il = stream.scenario == "task_incremental"
+            self.tests = [(*tensors(e.test), e.classes if task_il else None) for e in stream.experiences]
 
     def __call__(self) -> list[dict]:
         if self.stream.kind == "events":
             return [self.learner.evaluate(ds, self.stream.horizon) for ds in self.tests]
-        return [{"acc": self.learner.accuracy(x, y)} for x, y in self.tests]
+        return [{"acc": self.learner.accuracy(x, y, classes)} for x, y, classes in self.tests]
 
     def train(self, i: int) -> dict:
         if self.stream.kind == "events":

@@ -61,7 +61,7 @@ class Experience:
 @dataclass
 class ExperienceStream:
     name: str
-    scenario: str  # class_incremental | domain_incremental
+    scenario: str  # class_incremental | task_incremental | domain_incremental
     num_classes: int
     dim: int
     experiences: list[Experience]
@@ -126,6 +126,16 @@ def split_digits(seed: int) -> ExperienceStream:
     x, y = load_digits()
     tr, _ = stratified_split(y, 0.25, torch.Generator().manual_seed(seed))
     return class_incremental("split_digits", x, y, [[2 * t, 2 * t + 1] for t in range(5)], 0.25, x[tr], g)
+
+
+@register_stream("split_digits_task", "experiences")
+def split_digits_task(seed: int) -> ExperienceStream:
+    """Split-Digits as task-incremental: the same experiences, and at test time the experience's
+    identity is given, so a prediction is the arg-max over that experience's two classes only
+    (training is unchanged: one head over all classes)."""
+    s = split_digits(seed)
+    s.name, s.scenario = "split_digits_task", "task_incremental"
+    return s
 
 
 @register_stream("permuted_digits", "experiences")

@@ -119,6 +119,25 @@ def test_continual_stopped_and_resumed_equals_uninterrupted(tmp_path, task):
         assert "model.pool.prompts" in a["learner"]["module"] and "next_ll" in again
 
 
+def test_next_period_protocol_reads_the_superdiagonal():
+    from continual.metrics import AccuracyMatrix
+
+    h, r, e = AccuracyMatrix(3), AccuracyMatrix(3), AccuracyMatrix(3)
+    for m, base in ((h, -1.0), (r, 10.0), (e, 0.5)):
+        m.record_row(0, [base, base + 0.1, base + 0.2])
+        m.record_row(1, [base + 0.3, base + 0.4, base + 0.5])
+    out = continual_run.next_period(h, r, e, 1)
+    assert out == {"next_ll": -0.9, "next_rmse": 10.1, "next_type_error": 0.6}
+    assert continual_run.next_period(h, r, e, 0) == {}
+
+
+def test_task_incremental_stream_runs_with_the_experience_given(tmp_path):
+    task = dict(learner="finetune", stream="split_digits_task", epochs=2, hidden=32)
+    ti = launch(continual_run, continual_config(tmp_path / "ti", every=0, **task))
+    ci = launch(continual_run, continual_config(tmp_path / "ci", every=0, **{**task, "stream": "split_digits"}))
+    assert ti["acc"] > ci["acc"] + 0.3  # knowing the task undoes most of class-incremental forgetting
+
+
 def test_continual_preempted_mid_stream_resumes_exactly(tmp_path, monkeypatch):
     whole = tmp_path / "whole"
     full = launch(continual_run, continual_config(whole, every=0, **SMALL_DKVB))

@@ -78,3 +78,27 @@ def test_baselines_and_bottleneck_on_split_digits():
             learner.train_experience(*tensors(e.train))
         acc[name] = sum(learner.accuracy(x, y) for x, y in tests) / len(tests)
     assert acc["finetune"] < 0.3 and acc["replay"] > 0.5 and acc["kv_bottleneck"] > 0.85, acc
+
+
+def test_task_incremental_accuracy_takes_the_arg_max_within_the_experience():
+    learner = build_learner("finetune", spec())
+    with torch.no_grad():
+        for p in learner.net.parameters():
+            p.zero_()
+        learner.net[-1].bias.copy_(torch.tensor([3.0, 2.0, 1.0]))  # always predicts class 0, then 1
+    x, y = torch.randn(4, 4), torch.tensor([1, 1, 2, 1])
+    assert learner.accuracy(x, y) == 0.0
+    assert learner.accuracy(x, y, classes=(1, 2)) == 0.75
+
+
+def test_llama_encoder_is_a_frozen_deterministic_plait_model():
+    from continual.encoders import build_encoder
+
+    x = torch.rand(5, 16)
+    a, b = build_encoder("llama", 16, 32, seed=0), build_encoder("llama", 16, 32, seed=0)
+    z = a(x)
+    assert z.shape == (5, 32) and torch.equal(z, b(x)) and not any(p.requires_grad for p in a.parameters())
+    assert not torch.equal(z, build_encoder("llama", 16, 32, seed=1)(x))
+    learner = build_learner("kv_bottleneck", LearnerSpec(16, 3, ContinualConfig(encoder="llama", encoder_dim=32,
+                                                                               num_codebooks=8, dim_keys=4), 0))
+    assert learner.logits(x).shape == (5, 3)

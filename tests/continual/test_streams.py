@@ -11,7 +11,7 @@ from trainer.errors import ConfigError
 
 def test_every_stream_is_registered_with_its_kind():
     stream_kind("hawkes_regimes")
-    assert set(STREAMS.names()) == {"split_digits", "permuted_digits", "gaussian_toy", "phishing", "image_segments",
+    assert set(STREAMS.names()) == {"split_digits", "split_digits_task", "permuted_digits", "gaussian_toy", "phishing", "image_segments",
                                     "shuttle", "sea_drift", "agrawal_drift", "hawkes_regimes"}
     assert KINDS["split_digits"] == "experiences" and KINDS["phishing"] == "samples" and KINDS["hawkes_regimes"] == "events"
     with pytest.raises(ConfigError, match="task.stream='mnist'.*split_digits"):
