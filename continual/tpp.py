@@ -13,8 +13,9 @@ The log-likelihood of a sequence on [0, T]: Σ_j log λ_{k_j}(t_j) − ∫_0^T �
 by the midpoint rule with `integration_points` nodes per interval (deterministic).
 
 The prompt pool: M keys K_m ∈ R^d and prompts P_m ∈ R^{L×d}. At position j the query is the mean of
-the layer input over the events so far (causal: PromptTPP's "mean of the input", restricted to the
-past so that the likelihood stays a proper one); the top-N keys by cosine similarity select their
+the first layer's input (the event embeddings) over the events so far (PromptTPP's "mean of the
+input", restricted to the past so that the likelihood stays a proper one, and taken once rather
+than per layer); the top-N keys by cosine similarity select their
 prompts, whose tokens get the time part TE(τ̂_j), τ̂_j = t_j + mean Δt so far (the estimated next event
 time); these N·L tokens are prepended to every attention layer's keys and values at j.
 Loss = −LL/events − w·mean_j Σ_{n ≤ N} cos(q_j, K_{m_n}).

@@ -38,10 +38,13 @@ def test_midpoint_rule_converges_to_the_integral():
     with torch.no_grad():
         m.decay.copy_(torch.tensor([-0.7, 0.4]))
     b = EventBatch.collate([[0.5, 1.2, 3.0], [2.0]], [[0, 1, 1], [0]], 4.0)
-    fine, _ = m.log_likelihood(b)
-    m.integration_points = 8
-    coarse, _ = m.log_likelihood(b)
-    assert abs(float(fine - coarse)) < 0.01 * abs(float(fine))
+    with torch.no_grad():
+        fine, _ = m.log_likelihood(b)
+        m.integration_points = 8
+        coarse, _ = m.log_likelihood(b)
+        m.integration_points = 1
+        crude, _ = m.log_likelihood(b)
+    assert abs(float(fine - coarse)) < 1e-3 * abs(float(fine)) < abs(float(fine - crude))
 
 
 def test_history_is_causal_with_and_without_prompts():
