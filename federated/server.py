@@ -175,8 +175,11 @@ class Server:
         error = aggregation_error(clients, counts, aggregate)
         self._apply(aggregate, counts, rnd, replies)
         accuracy = self.evaluate(st.global_delta())
-        up = {k: payload_bytes(r.adapters) for k, r in replies.items()}
-        down = {k: requests[k].download_bytes() for k in range(len(self.plans))}
+        # FFA-LoRA's A is frozen and shared: it travels down once (round 1) and never up
+        frozen = self.strategy.name == "ffa"
+        up = {k: payload_bytes(r.adapters) - (a_bytes(r.adapters) if frozen else 0) for k, r in replies.items()}
+        down = {k: requests[k].download_bytes() - (a_bytes(requests[k].adapters) if frozen and rnd > 1 else 0)
+                for k in range(len(self.plans))}
         metrics = {"accuracy": accuracy, "aggregation_error": error, "participants": len(replies),
                    "round_wall_s": wall,
                    "train_loss": sum(r.metrics["train_loss"] * r.num_samples for r in replies.values())
@@ -206,6 +209,11 @@ class Server:
         for k in replies:
             st.accepted[k] = rnd
         st.round = torch.tensor(rnd)
+
+
+def a_bytes(adapters: Mapping[str, LoraPair]) -> int:
+    """Bytes of the A factors alone."""
+    return sum(p.A.numel() * p.A.element_size() for p in adapters.values())
 
 
 def local_transport(c, model_cfg, seed: int) -> Transport:

@@ -1,0 +1,265 @@
+"""Federated LoRA (FedPipe-style, federated/): the issue's five figures in one JSON line, Plait and
+its baselines side by side in one run, on the keyword-topic task and the tiny Llama of
+configs/task/federated.yaml (0.8M parameters, 4 clients, int8 base unless the planner says else).
+
+(1) bytes_ratio: bytes a round moves (adapters up and down, every client) over what full
+    fine-tuning of the same model moves (every parameter up and down, every client). Goal ≤ 1%.
+(2) gap_alpha1, gap_alpha0_1: accuracy points of centralized LoRA on the union of the data (one
+    client, the same total steps, the same adapters) minus federated (svd strategy) after R rounds,
+    at Dirichlet α = 1.0 and α = 0.1. Goals ≤ 2 and ≤ 5 points.
+(3) planner_time_cut, planner_acc_delta: clients of 1×, 2× and 4× relative speed; the MILP's plan
+    against uniform ranks (task.rank on wq, wv at task.batch_size and 8 bits for all). Round time
+    of a client = its measured compute / its speed + adapter bytes / its bandwidth; the cut is
+    1 − (slowest client's mean round time, planner) / (same, uniform). Goal ≥ 30% with the accuracy
+    within 1 point (delta = planner − uniform, in points).
+(4) overhead_ratio: Plait's simulated round (`task.mode=simulation`, Ray: send, aggregate, evaluate,
+    checkpoint) over a bare Flower simulation with stock FedAvg (flwr.serverapp.strategy.FedAvg, a
+    ClientApp written the plain way with peft + quanto, server-side evaluation each round) doing
+    the same client work: median round period over rounds 2..R. Goal ≤ 1.1.
+(5) aggregators: each strategy at the same rounds and equal ranks: final accuracy and the mean
+    exactness error max_k ‖ΔW_k − ΔW*‖/‖ΔW*‖ over rounds.
+
+    .venv/bin/python bench/federated.py [--rounds 10] [--out runs/bench-federated] [--skip-overhead]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+MODEL = {"vocab_size": 256, "dim": 128, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "ffn_dim": 352,
+         "max_seq_len": 64}
+TASK = {"_target_": "federated.run.run", "name": "federated", "mode": "local", "num_clients": 4,
+        "train_samples": 2048, "test_samples": 512, "local_steps": 10, "planner": "uniform", "rank": 4,
+        "target_modules": ["wq", "wv"], "batch_size": 16, "bits": 8, "plots": False}
+
+
+def config(run_dir: Path, **task):
+    from trainer.config import validate
+
+    return validate({"task": {**TASK, **task}, "model": MODEL, "seed": 0, "run_dir": str(run_dir),
+                     "checkpoint": {"every": 1, "keep_last": 1}, "logger": {"progress": False}})
+
+
+def run_local(run_dir: Path, **task) -> list[dict]:
+    """`plait task=federated task.mode=local` in this process; its metrics rows."""
+    from federated.run import serve
+    from federated.server import local_transport
+
+    cfg = config(run_dir, **task)
+    with contextlib.redirect_stdout(sys.stderr):  # the run's own lines; stdout holds the one JSON line
+        serve(cfg, lambda spec, log: local_transport(cfg.task, cfg.model, cfg.seed))
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def run_cli(run_dir: Path, overrides: list[str]) -> list[dict]:
+    import subprocess
+
+    cmd = [str(Path(sys.executable).with_name("plait")), "task=federated", f"run_dir={run_dir}", "logger.progress=false",
+           *[f"model.{k}={v}" for k, v in MODEL.items()], *overrides]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if out.returncode:
+        raise RuntimeError(out.stdout[-2000:] + out.stderr[-2000:])
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def full_finetune_bytes(num_clients: int) -> int:
+    from federated import model as fm
+    from trainer.config import ModelConfig
+
+    params = sum(p.numel() for p in fm.build_base(ModelConfig(**MODEL), 0).parameters())
+    return 2 * 4 * params * num_clients  # float32, up and down, every client
+
+
+# ---------------------------------------------------------------------------------------------
+# The baseline of (4): a bare Flower simulation with stock FedAvg, the client written the plain way.
+# ---------------------------------------------------------------------------------------------
+
+
+def flower_fedavg(rounds: int, out: Path) -> list[float]:
+    """Round end times of stock FedAvg on the same clients' work (equal ranks, int8 base, AdamW)."""
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import ServerApp
+    from flwr.serverapp.strategy import FedAvg
+    from flwr.simulation import run_simulation
+
+    marks: list[float] = []
+    server = ServerApp()
+
+    @server.main()
+    def main(grid, context):
+        model = plain_model()
+        arrays = ArrayRecord({k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k})
+        test_tokens, test_labels = plain_test()
+
+        def evaluate(rnd, arrays):
+            m = plain_model()
+            m.load_state_dict(arrays.to_torch_state_dict(), strict=False)
+            with torch.no_grad():
+                acc = (m(test_tokens)[:, -1, 2:6].argmax(-1) == test_labels).float().mean().item()
+            marks.append(time.perf_counter())
+            return MetricRecord({"accuracy": acc})
+
+        FedAvg(fraction_evaluate=0.0, min_available_nodes=TASK["num_clients"], min_train_nodes=TASK["num_clients"]
+               ).start(grid, arrays, num_rounds=rounds, evaluate_fn=evaluate)
+
+    client = ClientApp()
+
+    @client.train()
+    def train(msg, context):
+        torch.set_num_threads(1)
+        pid = int(context.node_config["partition-id"])
+        tokens, labels = plain_partition(pid)
+        m = plain_model()
+        m.load_state_dict(msg.content["arrays"].to_torch_state_dict(), strict=False)
+        params = [p for p in m.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=TASK_LR, weight_decay=0.0)
+        g = torch.Generator().manual_seed(pid * 1000 + int(msg.metadata.group_id or 0))
+        for _ in range(TASK["local_steps"]):
+            idx = torch.randint(0, len(labels), (TASK["batch_size"],), generator=g)
+            loss = torch.nn.functional.cross_entropy(m(tokens[idx])[:, -1, 2:6], labels[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        arrays = ArrayRecord({k: v.detach().clone() for k, v in m.state_dict().items() if "lora_" in k})
+        return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": len(labels)})}),
+                       reply_to=msg)
+
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    run_simulation(server_app=server, client_app=client, num_supernodes=TASK["num_clients"],
+                   backend_config={"client_resources": {"num_cpus": 1},
+                                   "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False,
+                                                 "log_to_driver": False}})
+    return marks
+
+
+TASK_LR = 1e-2
+
+
+def plain_model():
+    """Base from the seed, quanto int8 on every Linear but the head, peft LoRA r=4 on wq and wv."""
+    from optimum.quanto import freeze, qint8, quantize
+    from peft import LoraConfig, get_peft_model
+
+    from trainer.config import ModelConfig
+    from trainer.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**MODEL), seed=0)
+    quantize(model, weights=qint8, exclude=["output"])
+    freeze(model)
+    return get_peft_model(model, LoraConfig(target_modules=["wq", "wv"], r=4, lora_alpha=8))
+
+
+def plain_partition(pid: int):
+    from federated.data import TaskSpec, partitions
+
+    spec = TaskSpec(4, 16, MODEL["vocab_size"], 0.3)
+    return partitions(spec, TASK["train_samples"], TASK["num_clients"], "dirichlet", 1.0, [], seed=0)[pid]
+
+
+def plain_test():
+    from federated.data import TaskSpec, test_set
+
+    return test_set(TaskSpec(4, 16, MODEL["vocab_size"], 0.3), TASK["test_samples"], 0)
+
+
+def periods(times: list[float]) -> float:
+    """Median gap between consecutive round ends, rounds 2..R."""
+    return statistics.median(b - a for a, b in zip(times, times[1:]))
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--out", default="")
+    ap.add_argument("--skip-overhead", action="store_true", help="leave out (4): two Ray simulations")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    out = Path(args.out or tempfile.mkdtemp(prefix="bench-federated-"))
+    out.mkdir(parents=True, exist_ok=True)
+    R, K, S = args.rounds, TASK["num_clients"], TASK["local_steps"]
+    report: dict = {"bench": "federated", "rounds": R, "clients": K, "local_steps": S}
+    t0 = time.perf_counter()
+
+    # (5) aggregators (and (1), (2) at α = 1 from the svd run)
+    aggregators = {}
+    for name in ("fedit", "ffa", "flora", "svd", "hetlora", "fedex"):
+        rows = run_local(out / f"agg-{name}", strategy=name, rounds=R, alpha=1.0)
+        aggregators[name] = {"accuracy": rows[-1]["accuracy"],
+                             "exactness_error": statistics.mean(r["aggregation_error"] for r in rows),
+                             "bytes_per_round": statistics.mean(r["bytes_up"] + r["bytes_down"] for r in rows)}
+        print(f"aggregator {name}: {aggregators[name]}", file=sys.stderr, flush=True)
+    report["aggregators"] = aggregators
+    full = full_finetune_bytes(K)
+    report["bytes_ratio"] = aggregators["svd"]["bytes_per_round"] / full
+    report["bytes"] = {"lora_per_round": aggregators["svd"]["bytes_per_round"], "full_per_round": full,
+                       "flora_ratio": aggregators["flora"]["bytes_per_round"] / full}
+
+    # (2) centralized LoRA: one client with all the data, the same total steps
+    central = run_local(out / "central", num_clients=1, partitioner="iid", rounds=R, local_steps=K * S)
+    fed01 = run_local(out / "fed-alpha0.1", strategy="svd", rounds=R, alpha=0.1)
+    c_acc = central[-1]["accuracy"]
+    report["central_accuracy"] = c_acc
+    report["gap_alpha1"] = 100 * (c_acc - aggregators["svd"]["accuracy"])
+    report["gap_alpha0_1"] = 100 * (c_acc - fed01[-1]["accuracy"])
+    report["fed_accuracy"] = {"alpha1": aggregators["svd"]["accuracy"], "alpha0_1": fed01[-1]["accuracy"]}
+
+    # (3) the planner against uniform ranks, clients of 1×, 2×, 4× speed (and 1×: 4 clients)
+    speeds = [1.0, 2.0, 4.0, 4.0]
+    clients = [{"speed": s, "bandwidth_mbps": 100.0, "memory_mib": 512.0} for s in speeds]
+    planned = run_local(out / "planner", planner="milp", clients=clients, rounds=R, strategy="svd",
+                        rank_choices=[2, 4, 8], batch_choices=[8, 16], bits_choices=[8, 32], max_modules=8)
+    uniform = run_local(out / "uniform", planner="uniform", clients=clients, rounds=R, strategy="svd")
+
+    def slowest(rows):
+        return statistics.mean(max(r[f"client{k}/round_s"] for k in range(K) if f"client{k}/round_s" in r) for r in rows)
+
+    report["planner_time_cut"] = 1 - slowest(planned) / slowest(uniform)
+    report["planner_acc_delta"] = 100 * (planned[-1]["accuracy"] - uniform[-1]["accuracy"])
+    report["planner"] = {"slowest_round_s": slowest(planned), "uniform_slowest_round_s": slowest(uniform),
+                         "accuracy": planned[-1]["accuracy"], "uniform_accuracy": uniform[-1]["accuracy"],
+                         "plan_png": str(out / "planner" / "plan.png")}
+    from federated.plots import plot_plan
+    from federated.run import make_plan
+
+    cfg = config(out / "planner", planner="milp", clients=clients, rounds=R, strategy="svd", rank_choices=[2, 4, 8],
+                 batch_choices=[8, 16], bits_choices=[8, 32], max_modules=8)
+    _, pb, sol = make_plan(cfg, lambda s: None)
+    plot_plan(out / "planner" / "plan.png", pb, sol)
+
+    # (4) Plait's simulated round against a bare Flower FedAvg simulation (equal client work)
+    if not args.skip_overhead:
+        with contextlib.redirect_stdout(sys.stderr):
+            marks = flower_fedavg(R, out)
+        plait_rows = run_cli(out / "sim", ["task.mode=simulation", f"task.rounds={R}", "task.planner=uniform",
+                                           "task.strategy=fedit", "task.rank=4", "task.target_modules=[wq,wv]",
+                                           "task.batch_size=16", "task.bits=8", "task.plots=false"])
+        plait_period = periods([r["time"] for r in plait_rows])
+        flower_period = periods(marks)
+        report["overhead_ratio"] = plait_period / flower_period
+        report["overhead"] = {"plait_round_s": plait_period, "flower_fedavg_round_s": flower_period}
+    report["seconds"] = time.perf_counter() - t0
+    report["out"] = str(out)
+    print(json.dumps(report), flush=True)
+
+
+if __name__ == "__main__":
+    main()
