@@ -84,17 +84,40 @@ def digits(out: Path) -> dict:
 
 
 def active(out: Path) -> dict:
-    res, per = {}, {}
+    res, per, curves = {}, {}, {}
     for strategy in STRATEGY_NAMES:
         r = run_task(out / f"al-{strategy}", "active", "continual.run_active.run",
                      {"strategy": strategy, "budget": 0.2, "stream": "phishing"})
         per[strategy] = {"acc": r["accuracy"], "labels_fraction": r["labels_fraction"]}
+        curves[strategy] = r["curve"]
     full = run_task(out / "al-all", "active", "continual.run_active.run",
                     {"strategy": "random", "budget": 1.0, "stream": "phishing"})
+    curves["all labels"] = full["curve"]
+    plot_curves(curves, out / "al_strategies.png")
     res.update(al_acc=per["variable_uncertainty"]["acc"], al_random_acc=per["random"]["acc"],
                al_labels_fraction=per["variable_uncertainty"]["labels_fraction"], al_all_labels_acc=full["accuracy"],
                al_strategies=per)
     return res
+
+
+def plot_curves(curves: dict, path: Path, every: int = 100) -> None:
+    """Prequential accuracy of every strategy on one figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for name, ys in curves.items():
+        ax.plot([(k + 1) * every for k in range(len(ys))], ys, label=name, ls="--" if name == "all labels" else "-")
+    ax.set_xlabel("samples seen")
+    ax.set_ylabel("prequential accuracy")
+    ax.set_title("Phishing, budget 0.2: query strategies")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 TPP_SETTINGS = dict(stream="hawkes_regimes", epochs=40)  # the defaults otherwise (M = 10, N = 5, length 5)
