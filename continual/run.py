@@ -13,6 +13,7 @@ uninterrupted one does. At the end: `continual.png` in the run directory.
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -75,6 +76,9 @@ def run(cfg: PlaitConfig, env: DistEnv) -> dict:
     c: ContinualConfig = cfg.task
     torch.set_num_threads(c.threads)
     stream, learner = build(cfg)
+    if cfg.device not in ("auto", "cpu"):
+        print(f"plait: note: continual learners run on the CPU (device={cfg.device} ignored): small models, "
+              "per-experience loops", file=sys.stderr)
     T = len(stream)
     events = stream.kind == "events"
     evaluate = Evaluator(stream, learner)
@@ -146,8 +150,10 @@ def run(cfg: PlaitConfig, env: DistEnv) -> dict:
         png = plot_matrix(history.R, curves, Path(cfg.run_dir) / "continual.png",
                           f"{c.learner} on {c.stream}", "log-likelihood per event" if events else "accuracy")
         result["png"] = str(png)
-        print(f"plait: done: {c.learner} on {c.stream}: acc {result['acc']:.4f}, forgetting "
-              f"{result['forgetting']:.4f}; {png}", flush=True)
+        score = f"mean LL per event {result['acc']:.4f}, next-period LL {result['next_ll']:.4f}" if events else \
+            f"acc {result['acc']:.4f}"
+        print(f"plait: done: {c.learner} on {c.stream}: {score}, forgetting {result['forgetting']:.4f}; {png}",
+              flush=True)
     return result
 
 

@@ -10,6 +10,7 @@ run makes bitwise the same decisions. At the end: `active.png` (accuracy and lab
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -33,6 +34,9 @@ def run(cfg: PlaitConfig, env: DistEnv) -> dict:
     c: ActiveConfig = cfg.task
     torch.set_num_threads(c.threads)
     stream = build_stream(c.stream, cfg.seed)
+    if cfg.device not in ("auto", "cpu"):
+        print(f"plait: note: active learning runs on the CPU (device={cfg.device} ignored): one sample at a "
+              "time is bound by latency, not arithmetic", file=sys.stderr)
     x, y = tensors(stream.data)
     n = min(len(y), c.max_samples) if c.max_samples else len(y)
     z, y = running_standardise(x[:n].double().numpy()), y[:n].tolist()
