@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= dev,rl,deepspeed
 DEMO_ARGS ?=
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo rlhf-demo test bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
@@ -26,6 +26,12 @@ setup: $(VENV)/.installed
 demo: setup
 	rm -rf runs/demo
 	WANDB_MODE=offline $(VENV)/bin/plait name=demo logger=wandb $(DEMO_ARGS)
+
+# The RLHF demo: SFT a tiny model on generated arithmetic, then GRPO, PPO, RLOO, ReMax and
+# REINFORCE++ on Ray (~15 min on 2 CPU cores); prints a table and writes runs/rlhf-demo.png.
+rlhf-demo: setup
+	$(PY) -m pip install -q -c $(VENV)/torch-constraint.txt -e ".[rlhf]"
+	$(PY) bench/rlhf_demo.py
 
 # The tests cover every family: `make test` installs their extras (and MinAtar, a GPL-licensed
 # extra that `setup` leaves out) into the same venv; `make demo` stays lean.

@@ -52,12 +52,12 @@ class RLHFOptions(TaskOptions):
     reward_model_from: str = ""  # a task=rm checkpoint: score with a reward-model worker instead of `reward`
     reward: str = "exact_match"  # a registered reward function (rlhf/rewards.py) or module:function
     prompts: PromptData = field(default_factory=PromptData)
-    iterations: int = bounded(20, ge=1)
+    iterations: int = bounded(150, ge=1)
     # batch sizes (units in the module docstring)
-    prompts_per_iteration: int = bounded(16, ge=1)
-    samples_per_prompt: int = bounded(4, ge=1)
-    prompts_per_minibatch: int = bounded(8, ge=1)
-    responses_per_micro_batch: int = bounded(16, ge=1)
+    prompts_per_iteration: int = bounded(32, ge=1)
+    samples_per_prompt: int = bounded(8, ge=1)
+    prompts_per_minibatch: int = bounded(16, ge=1)
+    responses_per_micro_batch: int = bounded(64, ge=1)
     epochs_per_iteration: int = bounded(1, ge=1)
     # rollout
     max_new_tokens: int = bounded(8, ge=1)
@@ -65,7 +65,7 @@ class RLHFOptions(TaskOptions):
     top_k: int = bounded(0, ge=0, note="0 for no top-k")
     top_p: float = bounded(1.0, gt=0, le=1)
     # optimisation (optim.* holds the optimizer; these are the per-role rates)
-    actor_lr: float = bounded(1e-4, gt=0)
+    actor_lr: float = bounded(3e-4, gt=0)  # the tiny demo model's; large models want ~1e-6
     critic_lr: float = bounded(1e-3, gt=0)
     loss_agg_mode: str = choice("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
     clip_ratio_low: float = bounded(0.2, ge=0, lt=1)
@@ -92,7 +92,7 @@ class RLHFOptions(TaskOptions):
     critic: ParallelConfig = field(default_factory=ParallelConfig)
     reward_model: ParallelConfig = field(default_factory=ParallelConfig)
     # plumbing
-    eval_every: int = bounded(5, ge=0, note="0 for only at the end")  # iterations between held-out evaluations
+    eval_every: int = bounded(10, ge=0, note="0 for only at the end")  # iterations between held-out evaluations
     threads: int = bounded(1, ge=1)  # torch threads per worker
     worker_timeout: float = bounded(600.0, gt=0)  # seconds a worker call may take before the run stops
     ray_address: str = ""  # "" starts a local Ray; else an existing cluster's address
