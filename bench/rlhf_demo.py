@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -72,6 +73,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
     runs = ROOT / "runs"
+    for old in runs.glob("rlhf-demo-*"):  # the demo's own runs: start each afresh
+        shutil.rmtree(old)
     print(f"1. SFT ({a.sft_steps} steps)", flush=True)
     sft_seconds = plait("task=sft", "name=rlhf-demo-sft", f"trainer.max_steps={a.sft_steps}", f"seed={a.seed}",
                         )
@@ -80,10 +83,6 @@ def main() -> None:
     for i, algorithm in enumerate(a.algorithms, start=2):
         name = f"rlhf-demo-{algorithm}"
         print(f"{i}. {algorithm} ({a.iterations} iterations, task.backend={a.backend})", flush=True)
-        if (runs / name).exists():
-            import shutil
-
-            shutil.rmtree(runs / name)
         seconds = plait("task=rlhf", f"name={name}", f"task.algorithm={algorithm}", f"task.init_from={sft}",
                         f"task.iterations={a.iterations}", f"task.backend={a.backend}", f"seed={a.seed}")
         acc = accuracies(runs / name)

@@ -152,3 +152,17 @@ def test_tensor_parallel_rollout_equals_single_process(run_ranks):
     for responses, log_probs in results:
         assert responses == single["responses"].tolist()
         torch.testing.assert_close(torch.tensor(log_probs), single["log_probs"], rtol=0, atol=1e-5)
+
+
+def test_kv_cache_greedy_equals_full_recomputation(model):
+    """Prefill once + one token a step (KV cache) against recomputing the whole prefix each step
+    (`trainer.models.llama.generate`): the same greedy tokens, the same logits to 1e-5."""
+    from trainer.models.llama import generate
+
+    for prompt in PROMPTS:
+        cached = sample(model, [prompt], 12, temperature=0)
+        full = generate(model, torch.tensor([prompt]), 12, temperature=0)
+        assert torch.equal(cached["responses"][0], full[0, len(prompt):])
+        logits = model(full[:, :-1])[:, len(prompt) - 1:].float()  # every step's logits, recomputed
+        ref = logits.log_softmax(-1).gather(-1, cached["responses"][..., None]).squeeze(-1)
+        torch.testing.assert_close(cached["log_probs"], ref, rtol=0, atol=1e-5)
