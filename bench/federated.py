@@ -8,7 +8,9 @@ configs/task/federated.yaml (0.8M parameters, 4 clients, int8 base unless the pl
     client, the same total steps, the same adapters) minus federated (svd strategy) after R rounds,
     at Dirichlet α = 1.0 and α = 0.1. Goals ≤ 2 and ≤ 5 points.
 (3) planner_time_cut, planner_acc_delta: clients of 1×, 2× and 4× relative speed; the MILP's plan
-    against uniform ranks (task.rank on wq, wv at task.batch_size and 8 bits for all). Round time
+    (modules by importance, ranks, batch, bits) against uniform ranks (task.rank on wq, wv at
+    task.batch_size and 8 bits for all); `planner.target_modules_*`: the same program with the
+    modules fixed to uniform's (task.plan_modules=target). Round time
     of a client = its measured compute / its speed + adapter bytes / its bandwidth; the cut is
     1 − (slowest client's mean round time, planner) / (same, uniform). Goal ≥ 30% with the accuracy
     within 1 point (delta = planner − uniform, in points).
@@ -19,7 +21,8 @@ configs/task/federated.yaml (0.8M parameters, 4 clients, int8 base unless the pl
 (5) aggregators: each strategy at the same rounds and equal ranks: final accuracy and the mean
     exactness error max_k ‖ΔW_k − ΔW*‖/‖ΔW*‖ over rounds.
 
-    .venv/bin/python bench/federated.py [--rounds 10] [--out runs/bench-federated] [--skip-overhead]
+    .venv/bin/python bench/federated.py [--rounds 10] [--out runs/bench-federated]
+        [--only aggregators,gap,planner,overhead]   (gap needs aggregators: it reuses the svd run)
 """
 
 from __future__ import annotations
@@ -149,16 +152,29 @@ def flower_fedavg(rounds: int, out: Path) -> list[float]:
 TASK_LR = 1e-2
 
 
+def _cache() -> dict:
+    """Per process, as Plait's clients cache theirs (the base weights, the partitions). Held by a module
+    in sys.modules: Ray unpickles this script's functions by value with fresh globals for every call."""
+    import types
+
+    return sys.modules.setdefault("_bench_federated_cache", types.ModuleType("_bench_federated_cache")).__dict__
+
+
 def plain_model():
     """Base from the seed, quanto int8 on every Linear but the head, peft LoRA r=4 on wq and wv."""
+    import copy
+
     from optimum.quanto import freeze, qint8, quantize
     from peft import LoraConfig, get_peft_model
 
     from trainer.config import ModelConfig
     from trainer.models import build_model
 
+    cache = _cache()
+    if "base" not in cache:
+        cache["base"] = build_model(ModelConfig(**MODEL), seed=0)
     torch.manual_seed(0)
-    model = build_model(ModelConfig(**MODEL), seed=0)
+    model = copy.deepcopy(cache["base"])
     quantize(model, weights=qint8, exclude=["output"])
     freeze(model)
     return get_peft_model(model, LoraConfig(target_modules=["wq", "wv"], r=4, lora_alpha=8))
@@ -167,8 +183,11 @@ def plain_model():
 def plain_partition(pid: int):
     from federated.data import TaskSpec, partitions
 
-    spec = TaskSpec(4, 16, MODEL["vocab_size"], 0.3)
-    return partitions(spec, TASK["train_samples"], TASK["num_clients"], "dirichlet", 1.0, [], seed=0)[pid]
+    cache = _cache()
+    if "parts" not in cache:
+        spec = TaskSpec(4, 16, MODEL["vocab_size"], 0.3)
+        cache["parts"] = partitions(spec, TASK["train_samples"], TASK["num_clients"], "dirichlet", 1.0, [], seed=0)
+    return cache["parts"][pid]
 
 
 def plain_test():
@@ -189,7 +208,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--out", default="")
-    ap.add_argument("--skip-overhead", action="store_true", help="leave out (4): two Ray simulations")
+    ap.add_argument("--only", default="aggregators,gap,planner,overhead",
+                    help="comma-separated parts: aggregators (also bytes), gap, planner, overhead")
     args = ap.parse_args()
     torch.set_num_threads(1)
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -199,21 +219,45 @@ def main():
     report: dict = {"bench": "federated", "rounds": R, "clients": K, "local_steps": S}
     t0 = time.perf_counter()
 
+    parts = set(args.only.split(","))
     # (5) aggregators (and (1), (2) at α = 1 from the svd run)
     aggregators = {}
-    for name in ("fedit", "ffa", "flora", "svd", "hetlora", "fedex"):
+    for name in ("fedit", "ffa", "flora", "svd", "hetlora", "fedex") if parts & {"aggregators", "gap"} else ():
         rows = run_local(out / f"agg-{name}", strategy=name, rounds=R, alpha=1.0)
         aggregators[name] = {"accuracy": rows[-1]["accuracy"],
                              "exactness_error": statistics.mean(r["aggregation_error"] for r in rows),
                              "bytes_per_round": statistics.mean(r["bytes_up"] + r["bytes_down"] for r in rows)}
         print(f"aggregator {name}: {aggregators[name]}", file=sys.stderr, flush=True)
-    report["aggregators"] = aggregators
+    if aggregators:
+        report.update(aggregators_and_bytes(aggregators, K))
+        from federated.plots import plot_curves
+
+        curves = {n: [json.loads(line)["accuracy"] for line in (out / f"agg-{n}" / "metrics.jsonl").read_text().splitlines()]
+                  for n in aggregators}
+        report["aggregators_png"] = str(plot_curves(out / "aggregators.png", curves, f"{K} clients, Dirichlet α=1"))
+    if "gap" in parts:
+        report.update(gap(out, aggregators, R, K, S))
+    if "planner" in parts:
+        report.update(planner(out, R, K))
+    if "overhead" in parts:
+        report.update(overhead(out, R))
+    report["seconds"] = time.perf_counter() - t0
+    report["out"] = str(out)
+    print(json.dumps(report), flush=True)
+
+
+def aggregators_and_bytes(aggregators: dict, K: int) -> dict:
+    report = {"aggregators": aggregators}
     full = full_finetune_bytes(K)
     report["bytes_ratio"] = aggregators["svd"]["bytes_per_round"] / full
     report["bytes"] = {"lora_per_round": aggregators["svd"]["bytes_per_round"], "full_per_round": full,
                        "flora_ratio": aggregators["flora"]["bytes_per_round"] / full}
+    return report
 
-    # (2) centralized LoRA: one client with all the data, the same total steps
+
+def gap(out: Path, aggregators: dict, R: int, K: int, S: int) -> dict:
+    """(2) centralized LoRA: one client with all the data, the same total steps."""
+    report = {}
     central = run_local(out / "central", num_clients=1, partitioner="iid", rounds=R, local_steps=K * S)
     fed01 = run_local(out / "fed-alpha0.1", strategy="svd", rounds=R, alpha=0.1)
     c_acc = central[-1]["accuracy"]
@@ -221,8 +265,12 @@ def main():
     report["gap_alpha1"] = 100 * (c_acc - aggregators["svd"]["accuracy"])
     report["gap_alpha0_1"] = 100 * (c_acc - fed01[-1]["accuracy"])
     report["fed_accuracy"] = {"alpha1": aggregators["svd"]["accuracy"], "alpha0_1": fed01[-1]["accuracy"]}
+    return report
 
-    # (3) the planner against uniform ranks, clients of 1×, 2×, 4× speed (and 1×: 4 clients)
+
+def planner(out: Path, R: int, K: int) -> dict:
+    """(3) the planner against uniform ranks, clients of 1×, 2×, 4× speed (and 4× again: 4 clients)."""
+    report = {}
     speeds = [1.0, 2.0, 4.0, 4.0]
     clients = [{"speed": s, "bandwidth_mbps": 100.0, "memory_mib": 512.0} for s in speeds]
     planned = run_local(out / "planner", planner="milp", clients=clients, rounds=R, strategy="svd",
@@ -234,9 +282,14 @@ def main():
 
     report["planner_time_cut"] = 1 - slowest(planned) / slowest(uniform)
     report["planner_acc_delta"] = 100 * (planned[-1]["accuracy"] - uniform[-1]["accuracy"])
+    # the same program with the modules fixed to uniform's (wq, wv): ranks, batch and bits only
+    fixed = run_local(out / "planner-target", planner="milp", plan_modules="target", clients=clients, rounds=R,
+                      strategy="svd", rank_choices=[2, 4, 8], batch_choices=[8, 16], bits_choices=[8, 32])
     report["planner"] = {"slowest_round_s": slowest(planned), "uniform_slowest_round_s": slowest(uniform),
                          "accuracy": planned[-1]["accuracy"], "uniform_accuracy": uniform[-1]["accuracy"],
-                         "plan_png": str(out / "planner" / "plan.png")}
+                         "plan_png": str(out / "planner" / "plan.png"),
+                         "target_modules_time_cut": 1 - slowest(fixed) / slowest(uniform),
+                         "target_modules_acc_delta": 100 * (fixed[-1]["accuracy"] - uniform[-1]["accuracy"])}
     from federated.plots import plot_plan
     from federated.run import make_plan
 
@@ -244,21 +297,22 @@ def main():
                  batch_choices=[8, 16], bits_choices=[8, 32], max_modules=8)
     _, pb, sol = make_plan(cfg, lambda s: None)
     plot_plan(out / "planner" / "plan.png", pb, sol)
+    return report
 
-    # (4) Plait's simulated round against a bare Flower FedAvg simulation (equal client work)
-    if not args.skip_overhead:
-        with contextlib.redirect_stdout(sys.stderr):
-            marks = flower_fedavg(R, out)
-        plait_rows = run_cli(out / "sim", ["task.mode=simulation", f"task.rounds={R}", "task.planner=uniform",
-                                           "task.strategy=fedit", "task.rank=4", "task.target_modules=[wq,wv]",
-                                           "task.batch_size=16", "task.bits=8", "task.plots=false"])
-        plait_period = periods([r["time"] for r in plait_rows])
-        flower_period = periods(marks)
-        report["overhead_ratio"] = plait_period / flower_period
-        report["overhead"] = {"plait_round_s": plait_period, "flower_fedavg_round_s": flower_period}
-    report["seconds"] = time.perf_counter() - t0
-    report["out"] = str(out)
-    print(json.dumps(report), flush=True)
+
+def overhead(out: Path, R: int) -> dict:
+    """(4) Plait's simulated round against a bare Flower FedAvg simulation (equal client work)."""
+    report = {}
+    with contextlib.redirect_stdout(sys.stderr):
+        marks = flower_fedavg(R, out)
+    plait_rows = run_cli(out / "sim", ["task.mode=simulation", f"task.rounds={R}", "task.planner=uniform",
+                                       "task.strategy=fedit", "task.rank=4", "task.target_modules=[wq,wv]",
+                                       "task.batch_size=16", "task.bits=8", "task.plots=false"])
+    plait_period = periods([r["time"] for r in plait_rows])
+    flower_period = periods(marks)
+    report["overhead_ratio"] = plait_period / flower_period
+    report["overhead"] = {"plait_round_s": plait_period, "flower_fedavg_round_s": flower_period}
+    return report
 
 
 if __name__ == "__main__":

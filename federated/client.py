@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.distributed.checkpoint.stateful import Stateful
 
-from federated.lora import Adapters, LoraPair, add, subtract
+from federated.lora import Adapters, add, payload_bytes, subtract
 from trainer.checkpoint import Checkpointer, step_dirname
 
 _DATA: dict[str, list] = {}  # the clients' partitions, built once per process
@@ -59,8 +59,7 @@ class Request:
     state_dir: str
 
     def download_bytes(self) -> int:
-        from federated.lora import payload_bytes
-
+        """Adapters + base factors (or the dense running base delta), as sent."""
         dense = sum(t.numel() * t.element_size() for t in (self.base_dense or {}).values())
         return payload_bytes(self.adapters) + payload_bytes(self.base_factors) + dense
 
@@ -224,7 +223,3 @@ def privatize_update(trained: Adapters, received: Adapters, c, generator: torch.
 
     noisy, report = privatize(subtract(trained, received), c.dp_clip_norm, c.dp_noise_multiplier, generator)
     return add(received, noisy), report
-
-
-def adapter_shapes(adapters: Mapping[str, LoraPair]) -> dict[str, tuple[int, int]]:
-    return {n: p.shape for n, p in adapters.items()}

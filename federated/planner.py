@@ -9,7 +9,7 @@ FedPipe's exact program is not public; this is the formulation documented in doc
                  y_kbq ∈ {0,1} client k trains at batch b on a q-bit base;  w_kmrb = x_kmr·y_kb (linearised);
                  T ≥ 0 the slowest client's round time
     maximise     Σ_k p_k [ Σ_mr I_m·v(r)·x_kmr + β Σ_bq (b/b_max)·y_kbq − γ Σ_bq π(q)·y_kbq ] − λ·T/T_ref
-    subject to   Σ_r x_kmr = u_m,  Σ_bq y_kbq = 1,  1 ≤ Σ_m u_m ≤ max_modules
+    subject to   Σ_r x_kmr = u_m,  Σ_bq y_kbq = 1,  min_modules ≤ Σ_m u_m ≤ max_modules
                  mem_k = Σ_bq (base(q) + act(b))·y_kbq + Σ_mr 4·adapter(m,r)·x_kmr ≤ M_k
                  t_k = Σ_bq S·b·F_base·slow(q)/(ρ s_k)·y_kbq + Σ_mrb S·b·F_mr/(ρ s_k)·w_kmrb
                        + Σ_mr 2·bytes(m,r)·8/bw_k·x_kmr  ≤ T,  ≤ budget_k (when given)
@@ -109,6 +109,7 @@ class Problem:
     balance_weight: float
     same_ranks: bool  # the strategy needs one rank per module across clients
     t_ref: float = 1.0
+    min_modules: int = 1
 
     @property
     def modules(self) -> list[str]:
@@ -224,7 +225,7 @@ def solve(pb: Problem) -> Solution:
         row({**t, ("T",): -1}, -np.inf, 0)
         if prof.time_budget_s:
             row(t, -np.inf, prof.time_budget_s)
-    row({("u", m): 1 for m in M}, 1, pb.max_modules)
+    row({("u", m): 1 for m in M}, pb.min_modules, pb.max_modules)
     c[idx[("T",)]] = pb.balance_weight / pb.t_ref
     integrality = np.ones(n)
     integrality[idx[("T",)]] = 0
@@ -257,7 +258,7 @@ def exhaustive(pb: Problem) -> Optional[Solution]:
     """Every combination (small instances only): the reference the MILP is tested against."""
     M, K = pb.modules, len(pb.profiles)
     best: Optional[tuple[float, list]] = None
-    for size in range(1, min(pb.max_modules, len(M)) + 1):
+    for size in range(pb.min_modules, min(pb.max_modules, len(M)) + 1):
         for subset in itertools.combinations(M, size):
             per_client = []
             for k in range(K):

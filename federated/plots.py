@@ -57,3 +57,24 @@ def plot_plan(path: Path, pb, sol) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_curves(path: Path, curves: dict[str, list[float]], title: str = "") -> Path:
+    """Accuracy per round of several runs (e.g. the aggregation strategies side by side)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    for name, acc in curves.items():
+        ax.plot(range(1, len(acc) + 1), acc, marker=".", label=name)
+    ax.set_xlabel("round")
+    ax.set_ylabel("test accuracy (merged model)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

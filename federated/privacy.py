@@ -5,7 +5,7 @@ the update is the client's own factors, so clients of different ranks are privat
 
 The noise comes from a seeded `torch.Generator` held in a `NoiseSource` (a `Stateful`): a resumed
 client draws the same noise it would have drawn uninterrupted. Privacy accounting (ε for a given
-δ, rounds and sampling rate) is not here.
+δ and rounds, with dp-accounting) is the runner's: federated/run.py `dp_epsilon`.
 """
 
 from __future__ import annotations

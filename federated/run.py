@@ -51,9 +51,15 @@ def make_plan(cfg: PlaitConfig, log: Callable[[str], None]):
     shares = [n / sum(sizes) for n in sizes]
     uniform_modules = fm.select(base, list(c.target_modules))
     uniform = [Plan({m: c.rank for m in uniform_modules}, c.batch_size, c.bits) for _ in range(c.num_clients)]
+    max_modules, min_modules = c.max_modules, 1
+    if c.plan_modules == "target":  # the MILP plans ranks, batch and bits on task.target_modules only
+        imp = {m: imp[m] for m in uniform_modules}
+        total = sum(imp.values()) or 1.0
+        imp = {m: v / total for m, v in imp.items()}
+        max_modules = min_modules = len(uniform_modules)
     pb = pl.Problem(imp, costs, profiles(c), shares, sorted(c.rank_choices), sorted(c.batch_choices),
-                    sorted(c.bits_choices), c.max_modules, c.balance_weight,
-                    same_ranks=not STRATEGIES.get(c.strategy).mixed_ranks)
+                    sorted(c.bits_choices), max_modules, c.balance_weight,
+                    same_ranks=not STRATEGIES.get(c.strategy).mixed_ranks, min_modules=min_modules)
     pb.t_ref = max(pb.time(k, p.batch_size, p.bits, p.ranks) for k, p in enumerate(uniform))
     if c.planner == "uniform":
         return uniform, pb, pl.finish(pb, uniform)
@@ -249,7 +255,8 @@ def simulate(cfg: PlaitConfig) -> dict:
     from federated.flower_app import client_app, simulation_server
 
     c: FederatedConfig = cfg.task
-    logging.getLogger("flwr").setLevel(logging.WARNING)
+    for name in ("flwr", "alembic"):  # Flower's per-round INFO lines, its link-state database's migrations
+        logging.getLogger(name).setLevel(logging.WARNING)
     result: dict = {}
     cpus = max(1, os.cpu_count() or 1)
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")

@@ -75,3 +75,12 @@ def test_infeasible_round_time_names_the_client_and_constraint():
     pb = problem([ClientProfile(speed=0.01, time_budget_s=0.001), ClientProfile()])
     with pytest.raises(ConfigError, match=r"client 0's round-time budget: task.clients\[0\].time_budget_s"):
         pl.solve(pb)
+
+
+def test_min_modules_forces_the_module_set():
+    """task.plan_modules=target: every given module adapted, only ranks, batch and bits planned."""
+    pb = problem([ClientProfile(speed=1.0), ClientProfile(speed=4.0)], max_modules=3)
+    pb.min_modules = 3
+    milp, brute = pl.solve(pb), pl.exhaustive(pb)
+    assert sorted(milp.plans[0].ranks) == sorted(MODS)
+    assert milp.objective == pytest.approx(brute.objective, abs=1e-9)
