@@ -19,7 +19,8 @@ configs/task/federated.yaml (0.8M parameters, 4 clients, int8 base unless the pl
     ClientApp written the plain way with peft + quanto, server-side evaluation each round) doing
     the same client work: median round period over rounds 2..R. Goal ≤ 1.1.
 (5) aggregators: each strategy at the same rounds and equal ranks: final accuracy and the mean
-    exactness error max_k ‖ΔW_k − ΔW*‖/‖ΔW*‖ over rounds.
+    exactness error max_k ‖ΔW_k − ΔW*‖/‖ΔW*‖ over rounds; `aggregators_mixed_ranks`: svd, hetlora
+    and flora with client ranks 2, 4, 8, 8.
 
     .venv/bin/python bench/federated.py [--rounds 10] [--out runs/bench-federated]
         [--only aggregators,gap,planner,overhead]   (gap needs aggregators: it reuses the svd run)
@@ -44,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 MODEL = {"vocab_size": 256, "dim": 128, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "ffn_dim": 352,
          "max_seq_len": 64}
+MIXED_RANKS = [2, 4, 8, 8]  # (5) again with heterogeneous ranks, for the strategies that take them
 TASK = {"_target_": "federated.run.run", "name": "federated", "mode": "local", "num_clients": 4,
         "train_samples": 2048, "test_samples": 512, "local_steps": 10, "planner": "uniform", "rank": 4,
         "target_modules": ["wq", "wv"], "batch_size": 16, "bits": 8, "plots": False}
@@ -228,6 +230,14 @@ def main():
                              "exactness_error": statistics.mean(r["aggregation_error"] for r in rows),
                              "bytes_per_round": statistics.mean(r["bytes_up"] + r["bytes_down"] for r in rows)}
         print(f"aggregator {name}: {aggregators[name]}", file=sys.stderr, flush=True)
+    mixed = {}
+    for name in ("svd", "hetlora", "flora") if "aggregators" in parts else ():  # heterogeneous ranks
+        rows = run_local(out / f"mixed-{name}", strategy=name, rounds=R, alpha=1.0, client_ranks=MIXED_RANKS)
+        mixed[name] = {"accuracy": rows[-1]["accuracy"],
+                       "exactness_error": statistics.mean(r["aggregation_error"] for r in rows),
+                       "bytes_per_round": statistics.mean(r["bytes_up"] + r["bytes_down"] for r in rows)}
+    if mixed:
+        report["aggregators_mixed_ranks"] = {"ranks": MIXED_RANKS, **mixed}
     if aggregators:
         report.update(aggregators_and_bytes(aggregators, K))
         from federated.plots import plot_curves

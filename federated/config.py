@@ -53,6 +53,7 @@ class FederatedConfig(TaskOptions):
     planner: str = choice("milp", "uniform")
     target_modules: list[str] = field(default_factory=lambda: ["wq", "wv"])  # uniform: name suffixes
     rank: int = bounded(4, ge=1)
+    client_ranks: list[int] = field(default_factory=list)  # uniform: client k's rank (HetLoRA-style); [] = task.rank
     batch_size: int = bounded(16, ge=1)
     bits: int = choice(8, 4, 32)  # base weights: 8 = quanto qint8, 4 = qint4, 32 = not quantized
     rank_choices: list[int] = field(default_factory=lambda: [2, 4, 8])

@@ -19,6 +19,7 @@ import torch
 
 from federated.config import ClientProfile, FederatedConfig
 from trainer.config import PlaitConfig, as_dict
+from trainer.errors import ConfigError
 from trainer.launch.distributed import DistEnv
 
 STARTUP_S = 300.0  # Ray or Flower start, node discovery: what the watchdog allows besides the rounds
@@ -50,7 +51,15 @@ def make_plan(cfg: PlaitConfig, log: Callable[[str], None]):
     sizes = [len(lab) for _, lab in client_data(c, cfg.model, cfg.seed)]
     shares = [n / sum(sizes) for n in sizes]
     uniform_modules = fm.select(base, list(c.target_modules))
-    uniform = [Plan({m: c.rank for m in uniform_modules}, c.batch_size, c.bits) for _ in range(c.num_clients)]
+    ranks = list(c.client_ranks) or [c.rank] * c.num_clients
+    if len(ranks) != c.num_clients or min(ranks) < 1:
+        raise ConfigError(f"task.client_ranks={list(c.client_ranks)} needs one positive rank per client "
+                          f"(task.num_clients={c.num_clients}), or [] for task.rank everywhere")
+    if len(set(ranks)) > 1 and not STRATEGIES.get(c.strategy).mixed_ranks:
+        allowed = ", ".join(n for n in STRATEGIES.names() if STRATEGIES.get(n).mixed_ranks)
+        raise ConfigError(f"task.client_ranks={ranks} mixes ranks, which task.strategy={c.strategy!r} cannot "
+                          f"aggregate; use one of: {allowed}")
+    uniform = [Plan({m: r for m in uniform_modules}, c.batch_size, c.bits) for r in ranks]
     max_modules, min_modules = c.max_modules, 1
     if c.plan_modules == "target":  # the MILP plans ranks, batch and bits on task.target_modules only
         imp = {m: imp[m] for m in uniform_modules}

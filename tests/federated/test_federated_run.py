@@ -79,6 +79,9 @@ def config(**task):
     ({"num_clients": 2, "clients": [{}, {"memory_mib": 0.01}]}, "client 1's memory budget"),
     ({"planner": "uniform", "target_modules": ["q_proj"]}, "task.target_modules=['q_proj'] matches no Linear"),
     ({"min_clients": 9}, "task.min_clients=9 exceeds task.num_clients=4"),
+    ({"planner": "uniform", "strategy": "fedex", "num_clients": 2, "client_ranks": [2, 4]},
+     "task.client_ranks=[2, 4] mixes ranks, which task.strategy='fedex' cannot aggregate"),
+    ({"planner": "uniform", "num_clients": 2, "client_ranks": [2]}, "task.client_ranks=[2] needs one positive rank"),
 ])
 def test_bad_config_is_refused_before_any_client_starts(task, message):
     with pytest.raises(ConfigError, match=re.escape(message)):

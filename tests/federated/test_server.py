@@ -89,3 +89,17 @@ def test_final_checkpoint_holds_the_merged_model(tmp_path):
     latest = Checkpointer(str(tmp_path / "run" / "checkpoints")).latest()
     manifest = json.loads((latest / "plait.json").read_text())
     assert "model" in manifest["components"] and manifest["config"]["model"]["dim"] == 32
+
+
+@pytest.mark.parametrize("strategy", ["svd", "hetlora", "flora"])
+def test_mixed_ranks_travel_and_aggregate(tmp_path, strategy):
+    """task.client_ranks: each client trains and receives its own rank; FLoRA stays exact."""
+    out = run_local(config(tmp_path / "run", strategy=strategy, planner="uniform", client_ranks=[2, 4, 8],
+                           target_modules=["wq", "wv"], rounds=2))
+    assert [p["ranks"]["layers.0.attention.wq"] for p in out["plan"]] == [2, 4, 8]
+    r = rows(tmp_path / "run")
+    assert r[0]["client0/bytes_up"] < r[0]["client1/bytes_up"] < r[0]["client2/bytes_up"]
+    if strategy == "flora":
+        assert max(x["aggregation_error"] for x in r) < 1e-5
+    else:  # truncation to each client's rank loses what the higher ranks added
+        assert r[-1]["aggregation_error"] > 1e-4
