@@ -132,16 +132,19 @@ def deploy(cfg: PlaitConfig) -> dict:
                 procs.start(f"supernode{k}", [f"{bin_dir}/flower-supernode", "--insecure", "--superlink", c.superlink,
                                               "--node-config", f"partition-id={k} num-partitions={c.num_clients}",
                                               "--port", str(c.supernode_port + k)])
-        out = subprocess.run([f"{bin_dir}/flwr", "run", str(app), "plait", "--stream",
-                              "--run-config", f'plait-config="{spec.resolve()}"'],
-                             env=env, cwd=str(app), capture_output=True, text=True)
-        for line in out.stdout.splitlines():  # the ServerApp's own lines (Flower's INFO lines left out)
+        run = subprocess.Popen([f"{bin_dir}/flwr", "run", str(app), "plait", "--stream",
+                                "--run-config", f'plait-config="{spec.resolve()}"'],
+                               env=env, cwd=str(app), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines = []
+        for line in run.stdout:  # live: the ServerApp's own lines (Flower's INFO lines left out)
+            lines.append(line.rstrip("\n"))
             if line.startswith(("plait", "round", "client", "planner", "modules", "checkpoint", "objective",
                                 "resumed", " ")) or "dropped" in line:
-                print(line, flush=True)
+                print(line, end="", flush=True)
+        status = run.wait()
         if not summary_path.exists():
-            tail = "\n".join((out.stdout + out.stderr).splitlines()[-30:])
-            raise RuntimeError(f"flwr run ended (status {out.returncode}) without Plait's summary; its output:\n{tail}")
+            tail = "\n".join(lines[-30:])
+            raise RuntimeError(f"flwr run ended (status {status}) without Plait's summary; its output:\n{tail}")
         return json.loads(summary_path.read_text())
     finally:
         procs.stop()

@@ -107,6 +107,10 @@ def serve(cfg: PlaitConfig, make_transport) -> dict:
     else:
         plans, pb, sol = make_plan(cfg, log.text)
     log.text(pl.table(pb, sol))
+    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    (Path(cfg.run_dir) / "plan.json").write_text(json.dumps(
+        {"plans": json.loads(plans_json(plans)), "importance": pb.importance, "modelled_round_s": sol.times,
+         "modelled_memory_bytes": sol.memories, "objective": sol.objective}, indent=1, sort_keys=True))
     spec = TaskSpec(c.num_classes, c.seq_len, cfg.model.vocab_size, c.keyword_prob)
     test_tokens, test_labels = test_set(spec, c.test_samples, cfg.seed)
 

@@ -97,6 +97,7 @@ def test_mixed_ranks_travel_and_aggregate(tmp_path, strategy):
     out = run_local(config(tmp_path / "run", strategy=strategy, planner="uniform", client_ranks=[2, 4, 8],
                            target_modules=["wq", "wv"], rounds=2))
     assert [p["ranks"]["layers.0.attention.wq"] for p in out["plan"]] == [2, 4, 8]
+    assert json.loads((tmp_path / "run" / "plan.json").read_text())["plans"] == out["plan"]
     r = rows(tmp_path / "run")
     assert r[0]["client0/bytes_up"] < r[0]["client1/bytes_up"] < r[0]["client2/bytes_up"]
     if strategy == "flora":
