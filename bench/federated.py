@@ -95,7 +95,7 @@ def full_finetune_bytes(num_clients: int) -> int:
 
 def flower_fedavg(rounds: int, out: Path) -> list[float]:
     """Round end times of stock FedAvg on the same clients' work (equal ranks, int8 base, AdamW)."""
-    from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+    from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
     from flwr.serverapp import ServerApp
     from flwr.serverapp.strategy import FedAvg

@@ -119,11 +119,15 @@ def test_killed_server_resumes_with_identical_results(tmp_path):
 @pytest.mark.slow
 def test_simulation_drops_faulty_clients_and_equals_the_local_run(tmp_path):
     """Flower simulation (Ray): client 0 raises in round 2 and client 2's process exits in round 3; both
-    are dropped from those rounds, the run goes on, and every round equals task.mode=local with client
-    faults of the same effect."""
+    are dropped from those rounds, the run goes on (resumed in a second Flower run after round 2), and
+    every round equals an uninterrupted task.mode=local run with client faults of the same effect."""
+    first = plait(tmp_path / "sim", "task.mode=simulation", "task.rounds=2", "task.faults=[raise:0:2]",
+                  "task.round_timeout_s=30")
+    assert "client 0 dropped (raised RuntimeError: injected fault" in first.stdout
+    # a second Flower run resumes Plait's server at round 2 (Flower's own start() would begin at 1)
     sim = plait(tmp_path / "sim", "task.mode=simulation", "task.rounds=3", "task.faults=[raise:0:2,exit:2:3]",
-                "task.round_timeout_s=30", "task.plots=true")
-    assert "client 0 dropped (raised RuntimeError: injected fault" in sim.stdout
+                "task.round_timeout_s=30", "task.plots=true", "checkpoint.resume=latest")
+    assert "resumed from" in sim.stdout and "at round 2" in sim.stdout
     assert "client 2 dropped" in sim.stdout
     local = plait(tmp_path / "local", "task.mode=local", "task.rounds=3", "task.faults=[raise:0:2,raise:2:3]")
     a, b = rows(tmp_path / "sim"), rows(tmp_path / "local")
