@@ -27,6 +27,7 @@ from rlhf.data.prompts import PromptLoader, Vocabulary, prompt_batch
 from rlhf.groups.base import WorkerGroup
 from rlhf.losses import kl, kl_penalty_reward, loss_scale
 from rlhf.masked import masked_mean
+from rlhf.workers.actor import TEACHER_FORCED
 
 CRITIC_ALGORITHMS = ("ppo",)
 
@@ -114,8 +115,8 @@ class RLHFDriver:
         """Every epoch: a seeded shuffle, then one update of each trained role per mini-batch."""
         o, rows = self.o, len(batch)
         size = o.prompts_per_minibatch * o.samples_per_prompt
-        fields = ["input_ids", "attention_mask", "position_ids", "prompts", "responses", "response_mask",
-                  "old_log_probs", "advantages"] + (["ref_log_probs"] if o.use_kl_loss else [])
+        fields = [*TEACHER_FORCED, "response_mask", "old_log_probs", "advantages"] + \
+            (["ref_log_probs"] if o.use_kl_loss else [])
         stats: dict[str, list[float]] = {}
         for epoch in range(o.epochs_per_iteration):
             order = torch.from_numpy(np.random.default_rng([self.seed, iteration, epoch]).permutation(rows))
@@ -123,8 +124,7 @@ class RLHFDriver:
                 mb = batch[order[start:start + size]]
                 scale = loss_scale(mb["response_mask"], o.max_new_tokens).__dict__
                 if "critic" in self.groups:
-                    critic_mb = mb.select("input_ids", "attention_mask", "position_ids", "prompts", "responses",
-                                          "response_mask", "values", "returns")
+                    critic_mb = mb.select(*TEACHER_FORCED, "response_mask", "values", "returns")
                     critic_mb.meta["scale"] = scale
                     _collect(stats, self.groups["critic"].update_critic(critic_mb))
                 actor_mb = mb.select(*fields)
@@ -142,7 +142,7 @@ class RLHFDriver:
             batch = self.rollout(iteration)
         mask = batch["response_mask"]
         # independent reads of the same batch: on Ray they run at the same time
-        view = batch.select("input_ids", "attention_mask", "position_ids", "prompts", "responses")
+        view = batch.select(*TEACHER_FORCED)
         with timer("log_prob_ref_values"):
             old = g["actor"].compute_log_prob.future(view)
             ref = g["reference"].compute_ref_log_prob.future(view) if "reference" in g else None

@@ -12,7 +12,7 @@ training (`log_softmax(logits / temperature)` gathered at the sampled tokens) re
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -52,10 +52,19 @@ def filter_logits(logits: torch.Tensor, top_k: Optional[int] = None, top_p: Opti
     return logits
 
 
-def _logits(model: nn.Module, tokens: torch.Tensor, cache: KVCache, positions: torch.Tensor,
-            mask: torch.Tensor) -> torch.Tensor:
-    # under TP the logits are vocabulary-sharded: only the last position's are gathered whole
-    return plain_tensor(model(tokens, cache=cache, positions=positions, attention_mask=mask)[:, -1:])[:, 0].float()
+class CachedDecoder:
+    """One model, one KV cache: `decoder(tokens, positions, mask)` runs the new tokens and returns
+    the last position's logits [B, V] (under TP only those are gathered whole from the shards)."""
+
+    def __init__(self, model: nn.Module, rows: int, max_len: int):
+        self.model, self.cache = model, KVCache(rows, max_len)
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        out = self.model(tokens, cache=self.cache, positions=positions, attention_mask=mask)
+        return plain_tensor(out[:, -1:])[:, 0].float()
+
+
+Decoder = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @torch.no_grad()
@@ -73,6 +82,8 @@ def sample(
     n: int = 1,
     pad_id: int = 0,
     generator: Optional[torch.Generator] = None,
+    decoder: Optional[Callable[[int, int], Decoder]] = None,
+    device: Optional[torch.device] = None,
 ) -> Batch:
     """Sample `n` responses per prompt (rows i*n .. i*n+n-1 answer prompt i); greedy when
     temperature == 0 (ReMax's baseline; its log-probs are then those of the unscaled logits).
@@ -84,10 +95,12 @@ def sample(
       responses, response_mask, log_probs [B*n, R]     right-padded with pad_id / 0 / 0, R = max_new_tokens
       input_ids, attention_mask, position_ids [B*n, P+R]  prompt + response, for teacher forcing
     and meta {"temperature", "top_k", "top_p"}; log_probs[t] = log_softmax(logits / T)[response[t]].
+    `decoder(rows, max_len)` makes what runs the model (default: `CachedDecoder` on `model`;
+    rlhf/pipeline_decode.py's through pipeline stages, where `model` is None and `device` is given).
     """
     if max_new_tokens < 1 or n < 1 or temperature < 0:
         raise ValueError(f"need max_new_tokens >= 1, n >= 1, temperature >= 0; got {max_new_tokens}, {n}, {temperature}")
-    device = next(model.parameters()).device
+    device = device if device is not None else next(model.parameters()).device
     if isinstance(prompts, torch.Tensor):
         tokens = prompts.long()
         mask = torch.ones_like(tokens, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
@@ -104,8 +117,8 @@ def sample(
     log_probs = torch.zeros(rows, max_new_tokens, dtype=torch.float32, device=device)
     done = torch.zeros(rows, dtype=torch.bool, device=device)
 
-    cache = KVCache(rows, width + max_new_tokens)
-    logits = _logits(model, tokens, cache, positions, mask)  # prefill: the whole prompt once
+    run = (decoder or (lambda r, length: CachedDecoder(model, r, length)))(rows, width + max_new_tokens)
+    logits = run(tokens, positions, mask)  # prefill: the whole prompt once
     pos = positions[:, -1:]
     for t in range(max_new_tokens):
         scaled = logits / temperature if temperature > 0 else logits
@@ -123,7 +136,7 @@ def sample(
             break
         pos = pos + 1
         # finished rows keep decoding padding: their outputs are masked, and it keeps the batch whole
-        logits = _logits(model, responses[:, t:t + 1], cache, pos, torch.ones_like(pos, dtype=torch.bool))
+        logits = run(responses[:, t:t + 1], pos, torch.ones_like(pos, dtype=torch.bool))
 
     response_pos = positions[:, -1:] + 1 + torch.arange(max_new_tokens, device=device)
     return Batch({

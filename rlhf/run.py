@@ -21,6 +21,7 @@ from rlhf.kl_control import KL_CONTROLLERS
 from rlhf.plot import plot_curves
 from rlhf.rewards import resolve_reward
 from rlhf.sizes import derive_sizes
+from rlhf.task import micro_batches_of
 from rlhf.workers import WORKER_CLASSES
 from rlhf.workers.base import WorkerSpec, layout_dims, replace
 from rlhf.workers.critic import value_config
@@ -51,6 +52,8 @@ def active_roles(o: RLHFOptions) -> list[str]:
 
 def role_spec(cfg: PlaitConfig, o: RLHFOptions, role: str, vocab) -> WorkerSpec:
     layout = getattr(o, role)
+    if layout.microbatches == -1:
+        layout = replace(layout, microbatches=micro_batches_of(layout))
     model = value_config(cfg.model) if role in ("critic", "reward_model") else cfg.model
     lr = o.critic_lr if role == "critic" else o.actor_lr
     optim = replace(cfg.optim, lr=lr, warmup_steps=0, schedule="constant")

@@ -14,11 +14,20 @@ from trainer.errors import ConfigError
 from trainer.task import TaskFamily, _one_process
 
 
+def micro_batches_of(layout) -> int:
+    """A role's pipeline microbatches (-1: pp, the fewest that keep every stage busy)."""
+    return layout.pp if layout.microbatches == -1 else layout.microbatches
+
+
 def check_layout(cfg: PlaitConfig, key: str, layout) -> None:
     """What a role's layout may be in this release, and that the model splits under it."""
-    if layout.pp != 1:
-        raise ConfigError(f"{key}.pp={layout.pp}: RLHF roles run tensor and data parallelism "
-                          f"(dp_shard, dp_replicate, tp); pipeline stages are not supported for generation yet")
+    if layout.pp > 1:
+        from parallel.pipeline import schedule_problem
+
+        problem = schedule_problem(layout.schedule, layout.pp, layout.virtual_stages, micro_batches_of(layout),
+                                   cfg.model.n_layers)
+        if problem:
+            raise ConfigError(f"{key}.schedule={layout.schedule} with {key}.pp={layout.pp}: {problem}")
     if layout.dp_shard == -1:
         raise ConfigError(f"{key}.dp_shard=-1: give a role's data-parallel size explicitly")
     if layout.sequence_parallel:

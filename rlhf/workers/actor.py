@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from parallel.grad import clip_grad_norm
 from rlhf.batch import Batch
 from rlhf.dispatch import Mode, register
-from rlhf.logprobs import response_logits, token_log_probs
-from rlhf.losses import POLICY_LOSSES, LossScale, aggregate, kl
+from rlhf.logprobs import teacher_forced
+from rlhf.losses import LossScale
+from rlhf.pipeline_decode import PipelineDecoder
 from rlhf.rollout import sample
 from rlhf.workers.base import Worker
+from rlhf.workers.objectives import log_prob_objective, pack, policy_objective
 
-TEACHER_FORCED = ("input_ids", "attention_mask", "position_ids", "prompts", "responses")
+TEACHER_FORCED = ("input_ids", "prompts", "prompt_mask", "responses")
 
 
 def micro_batches(batch: Batch, size: int) -> list[Batch]:
@@ -23,38 +22,9 @@ def micro_batches(batch: Batch, size: int) -> list[Batch]:
 
 
 def sampling_seed(seed: int, iteration: int, dp_rank: int, stream: int = 0) -> int:
-    """The generator seed of one dp rank's sampling in one iteration: every tp rank of the dp group
-    draws the same tokens, and a resumed run redraws exactly what it would have (no saved state)."""
+    """The generator seed of one dp rank's sampling in one iteration: every tp and pp rank of the dp
+    group draws the same tokens, and a resumed run redraws exactly what it would have (no saved state)."""
     return (seed * 1_000_003 + iteration * 9_973 + dp_rank * 101 + stream) % (2 ** 63)
-
-
-def policy_gradients(model, batch: Batch, o, scale: LossScale, dp_size: int) -> dict[str, float]:
-    """Backward of this part's share of the mini-batch policy loss (clipped surrogate − entropy
-    bonus + KL loss, aggregated by `o.loss_agg_mode` over the WHOLE mini-batch's `scale`), one
-    micro-batch at a time. Data-parallel reduction averages gradients over `dp_size` workers, so
-    each share is scaled by it: the summed gradient is the mini-batch's, however it is split.
-    Returns token-weighted metrics (a worker's share of the mini-batch's)."""
-    policy_loss = POLICY_LOSSES.get("ppo_clip")
-    stats: dict[str, float] = {}
-    for mb in micro_batches(batch, o.responses_per_micro_batch):
-        mask = mb["response_mask"]
-        log_prob, entropy = token_log_probs(response_logits(model, mb), mb["responses"], o.temperature,
-                                            with_entropy=o.entropy_coef > 0)
-        loss_mat, m = policy_loss(log_prob, mb["old_log_probs"], mb["advantages"], mask,
-                                  o.clip_ratio_low, o.clip_ratio_high, o.clip_ratio_c)
-        if entropy is not None:
-            loss_mat = loss_mat - o.entropy_coef * entropy
-        if o.use_kl_loss:
-            kl_mat = kl(log_prob, mb["ref_log_probs"], o.kl_estimator)
-            loss_mat = loss_mat + o.kl_loss_coef * kl_mat
-            m["kl_loss"] = float((kl_mat.detach() * mask).sum() / mask.sum().clamp(min=1))
-        loss = aggregate(loss_mat, mask, o.loss_agg_mode, scale) * dp_size
-        loss.backward()
-        share = float(mask.sum()) / max(scale.num_tokens, 1) * dp_size  # this micro-batch's token weight
-        m["pg_loss"] = float(loss.detach())
-        for k, v in m.items():
-            stats[k] = stats.get(k, 0.0) + (v if k == "pg_loss" else v * share)
-    return stats
 
 
 class ActorWorker(Worker):
@@ -64,16 +34,22 @@ class ActorWorker(Worker):
         if self.spec.options.init_from:
             self.load_model_component(self.spec.options.init_from)
 
-    @torch.no_grad()
     def _log_probs(self, batch: Batch, key: str) -> Batch:
+        """`key` [B, R] (and entropy) of the responses under the current weights; empty off the last stage."""
         o = self.spec.options
-        self.model.eval()
-        out, ent = [], []
+        self.set_train(False)
+        lps, ents = [], []
         for mb in micro_batches(batch.select(*TEACHER_FORCED), o.responses_per_micro_batch):
-            lp, h = token_log_probs(response_logits(self.model, mb), mb["responses"], o.temperature, with_entropy=True)
-            out.append(lp)
-            ent.append(h)
-        return Batch({key: torch.cat(out).float().cpu(), "entropy": torch.cat(ent).float().cpu()})
+            tf = teacher_forced(mb)
+            out: list = []
+            self.run_objective(tf.tokens, pack(tf.tokens[:, 1:]), log_prob_objective(o.temperature, out), train=False)
+            if self.is_last_stage:
+                lp, ent = (torch.cat(parts)[:len(mb)].cpu() for parts in zip(*out))
+                lps.append(tf.to_responses(lp))
+                ents.append(tf.to_responses(ent))
+        if not self.is_last_stage:
+            return Batch()
+        return Batch({key: torch.cat(lps), "entropy": torch.cat(ents)})
 
     @register(Mode.DP)
     def generate(self, batch: Batch) -> Batch:
@@ -83,11 +59,14 @@ class ActorWorker(Worker):
         greedy = bool(batch.meta.get("greedy", False))
         gen = torch.Generator(device=self.device)
         gen.manual_seed(sampling_seed(self.spec.seed, int(batch.meta["iteration"]), self.info.dp_rank, int(greedy)))
-        self.model.eval()
+        self.set_train(False)
+        decoder = None
+        if self.pipeline is not None:
+            decoder = PipelineDecoder.factory(self.pipeline, self.mesh["pp"].get_group(), self.spec.model, self.device)
         out = sample(self.model, batch["prompts"].to(self.device), o.max_new_tokens,
                      attention_mask=batch["prompt_mask"].to(self.device), temperature=0.0 if greedy else o.temperature,
                      top_k=o.top_k or None, top_p=o.top_p, eos_id=self.spec.eos_id, pad_id=self.spec.pad_id,
-                     generator=gen)
+                     generator=gen, decoder=decoder, device=self.device)
         return out.to("cpu")
 
     @register(Mode.DP)
@@ -99,20 +78,32 @@ class ActorWorker(Worker):
     def update_actor(self, batch: Batch) -> Batch:
         """One optimizer step on this worker's part of a mini-batch. meta["scale"]: the whole
         mini-batch's LossScale, so Σ over workers and micro-batches is the mini-batch's loss."""
-        self.model.train()
-        stats = policy_gradients(self.model, batch.to(self.device), self.spec.options,
-                                 LossScale(**batch.meta["scale"]), self.info.dp_size)
-        norm = clip_grad_norm([p for part in self.parts for p in part.parameters()], self.spec.optim.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        stats["grad_norm"] = float(norm)
+        self.set_train(True)
+        stats = policy_gradients(lambda tokens, packed, fn: self.run_objective(tokens, packed, fn, train=True),
+                                 batch, self.spec.options, LossScale(**batch.meta["scale"]), self.info.dp_size)
+        stats["grad_norm"] = self.optimizer_step()
         return Batch({k: torch.tensor([v], dtype=torch.float64) for k, v in stats.items()})
 
-    @register(Mode.ONE_TO_ALL)
-    def parameter_bytes(self, _: Any = None) -> int:
-        """This rank's resident parameter bytes (its shards)."""
-        return sum((p.to_local() if hasattr(p, "to_local") else p).numel() * p.element_size()
-                   for p in self.model.parameters())
+
+def policy_targets(batch: Batch, use_ref: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens [B, W], packed per-position policy targets [B, W-1, 5]) of a mini-batch part."""
+    tf = teacher_forced(batch)
+    mask = tf.to_positions(batch["response_mask"].float())
+    ref = tf.to_positions(batch["ref_log_probs"]) if use_ref else torch.zeros_like(mask)
+    return tf.tokens, pack(tf.tokens[:, 1:], mask, tf.to_positions(batch["old_log_probs"]),
+                           tf.to_positions(batch["advantages"]), ref)
+
+
+def policy_gradients(run, batch: Batch, o, scale: LossScale, dp_size: int) -> dict[str, float]:
+    """Backward of this part's share of the mini-batch policy loss, one micro-batch at a time:
+    `run(tokens, packed, objective)` runs the network and backward of the objective (a worker's
+    `run_objective`, on any layout). `policy_objective` makes the gradient independent of the split.
+    Returns token-weighted metrics."""
+    stats: dict[str, float] = {}
+    for mb in micro_batches(batch, o.responses_per_micro_batch):
+        tokens, packed = policy_targets(mb, o.use_kl_loss)
+        run(tokens, packed, policy_objective(o, scale, dp_size, stats))
+    return stats
 
 
 class ReferenceWorker(ActorWorker):
@@ -122,4 +113,5 @@ class ReferenceWorker(ActorWorker):
 
     @register(Mode.DP)
     def compute_ref_log_prob(self, batch: Batch) -> Batch:
-        return self._log_probs(batch, "ref_log_probs").select("ref_log_probs")
+        out = self._log_probs(batch, "ref_log_probs")
+        return out.select("ref_log_probs") if "ref_log_probs" in out else out

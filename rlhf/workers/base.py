@@ -13,9 +13,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from parallel.grad import clip_grad_norm
 from parallel.mesh import ParallelDims, build_mesh
 from parallel.parallelize import parallelize
+from parallel.tensor import tp_loss_context
 from rlhf.dispatch import Mode, WorkerInfo, register, worker_info
+from rlhf.workers.objectives import StagedObjective
 from trainer.checkpoint import Checkpointer
 from trainer.checkpoint.finding import find_step
 from trainer.checkpoint.state import ModelState, OptimizerState, RNGState
@@ -63,6 +66,8 @@ class Worker:
         self.parts: list[nn.Module] = []
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.info: Optional[WorkerInfo] = None
+        self.pipeline = None
+        self.objective = StagedObjective()  # what a pipeline's last stage computes, set per call
         self._ckpt_group = None
 
     # --- building ---------------------------------------------------------------------------------
@@ -82,12 +87,64 @@ class Worker:
         self._ckpt_group = dist.new_group(backend="gloo") if dist.is_initialized() else None
         self.info = worker_info(self.mesh, s.rank)
 
-    def build_network(self, model_cfg) -> nn.Module:
-        """A network under this role's layout, each rank initialising only its shards."""
-        model, parts, _ = parallelize(build_model(model_cfg, device="meta"), self.mesh, self.spec.layout,
-                                      self.spec.precision, device=self.device, seed=self.spec.seed)
-        self.parts = parts
+    def build_network(self, model_cfg) -> Optional[nn.Module]:
+        """A network under this role's layout, each rank initialising only its shards; under
+        pipeline parallelism `self.pipeline` runs it (and the returned model is None)."""
+        model, parts, pipeline = parallelize(build_model(model_cfg, device="meta"), self.mesh, self.spec.layout,
+                                             self.spec.precision, loss_fn=self.objective, device=self.device,
+                                             seed=self.spec.seed)
+        self.parts, self.pipeline = parts, pipeline
         return model
+
+    # --- running the network --------------------------------------------------------------------
+
+    def set_train(self, mode: bool) -> None:
+        for part in self.parts:
+            part.train(mode)
+        if self.model is not None:
+            self.model.train(mode)
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pipeline is None or self.pipeline.has_last
+
+    def run_objective(self, tokens: torch.Tensor, packed: torch.Tensor, fn, train: bool) -> None:
+        """fn(output, packed) on the network's output for `tokens` (on the last pipeline stage under
+        pp, per pipeline microbatch); with `train`, backward of its sum. `packed` is per position
+        of tokens[:, 1:] ([B, W-1, C])."""
+        tokens, packed = tokens.to(self.device), packed.to(self.device)
+        with tp_loss_context(self.spec.layout.tp > 1):  # vocab-parallel cross-entropy, backward included
+            self._run_objective(tokens, packed, fn, train)
+
+    def _run_objective(self, tokens: torch.Tensor, packed: torch.Tensor, fn, train: bool) -> None:
+        if self.pipeline is None:
+            with torch.set_grad_enabled(train):
+                loss = fn(self.model(tokens), packed)
+            if train:
+                loss.backward()
+            return
+        # A pipeline's stages fix their buffers' shapes at the first call: every call runs the same
+        # [rows, model.max_seq_len] (right padding is exact for a causal model; padded rows and
+        # positions have a zero target mask, and callers read only their own rows and positions).
+        m = self.pipeline.microbatches
+        rows = -(-self.spec.options.responses_per_micro_batch // m) * m
+        width = self.spec.model.max_seq_len
+        tokens = torch.nn.functional.pad(tokens, (0, width - tokens.shape[1], 0, rows - tokens.shape[0]))
+        packed = torch.nn.functional.pad(packed, (0, 0, 0, width - 1 - packed.shape[1], 0, rows - packed.shape[0]))
+        self.objective.fn = fn
+        if train:  # the pipeline scales each microbatch's loss by 1/m: m restores the sum
+            self.pipeline.step(tokens, packed, loss_scale=m)
+        else:
+            self.pipeline.eval(tokens, packed)
+
+    def optimizer_step(self) -> float:
+        """Clip by the global norm (over pipeline stages too), step, zero; returns the norm."""
+        params = [p for part in self.parts for p in part.parameters()]
+        pp_group = self.mesh["pp"].get_group() if self.pipeline is not None else None
+        norm = clip_grad_norm(params, self.spec.optim.grad_clip, pp_group)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
 
     @register(Mode.ONE_TO_ALL)
     def init_model(self, _: Any = None) -> WorkerInfo:
@@ -98,7 +155,8 @@ class Worker:
         if self.trainable:
             self.optimizer = build_optimizer(self.parts, self.spec.optim)
         else:
-            self.model.requires_grad_(False)
+            for part in self.parts:
+                part.requires_grad_(False)
         return self.info
 
     def load_initial_weights(self) -> None:

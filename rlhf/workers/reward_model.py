@@ -6,17 +6,15 @@ import torch
 
 from rlhf.batch import Batch
 from rlhf.dispatch import Mode, register
+from rlhf.logprobs import teacher_forced
 from rlhf.workers.actor import TEACHER_FORCED, micro_batches
 from rlhf.workers.base import Worker
+from rlhf.workers.objectives import pack, values_objective
 
 
-def last_token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      position_ids: torch.Tensor) -> torch.Tensor:
-    """r(x, y): the head's output at each row's last real token [B]."""
-    values = model(input_ids, positions=position_ids, attention_mask=attention_mask)
-    width = attention_mask.shape[1]
-    last = width - 1 - attention_mask.long().flip(-1).argmax(-1)  # the rightmost real token
-    return values.gather(1, last[:, None]).squeeze(1).float()
+def last_token_index(batch: Batch) -> torch.Tensor:
+    """Each row's last real token in the teacher-forced (right-padded) layout."""
+    return batch["prompt_mask"].long().sum(-1) + batch["response_mask"].long().sum(-1) - 1
 
 
 class RewardModelWorker(Worker):
@@ -26,10 +24,16 @@ class RewardModelWorker(Worker):
         self.load_model_component(self.spec.options.reward_model_from)
 
     @register(Mode.DP)
-    @torch.no_grad()
     def compute_rm_score(self, batch: Batch) -> Batch:
-        self.model.eval()
-        scores = [last_token_scores(self.model, mb["input_ids"].to(self.device), mb["attention_mask"].to(self.device),
-                                    mb["position_ids"].to(self.device)).cpu()
-                  for mb in micro_batches(batch.select(*TEACHER_FORCED), self.spec.options.responses_per_micro_batch)]
-        return Batch({"rm_scores": torch.cat(scores)})
+        """r(x, y) [B]: the head's output at each response's last token."""
+        self.set_train(False)
+        scores = []
+        fields = (*TEACHER_FORCED, "response_mask")
+        for mb in micro_batches(batch.select(*fields), self.spec.options.responses_per_micro_batch):
+            tf = teacher_forced(mb)
+            out: list = []
+            self.run_objective(tf.tokens, pack(tf.tokens[:, 1:]), values_objective(out), train=False)
+            if self.is_last_stage:
+                values = torch.cat(out)[:len(mb)].cpu()
+                scores.append(values.gather(1, last_token_index(mb)[:, None]).squeeze(1))
+        return Batch({"rm_scores": torch.cat(scores)}) if self.is_last_stage else Batch()

@@ -27,7 +27,7 @@ def actor_outputs(tp: int, world: int) -> dict[str, np.ndarray]:
     b = prompt_batch([{"prompt": p, "answer": ""} for p in ("1+2=", "33+4=", "5=")], vocab)
     prompts = Batch(b.select("prompts", "prompt_mask").tensors, meta={"iteration": 3, "greedy": True})
     out = worker.generate(prompts)
-    lp = worker.compute_log_prob(out.select("input_ids", "attention_mask", "position_ids", "prompts", "responses"))
+    lp = worker.compute_log_prob(out)
     return {"responses": out["responses"].numpy(), "mask": out["response_mask"].numpy(),
             "old_log_probs": lp["old_log_probs"].numpy(), "entropy": lp["entropy"].numpy()}
 

@@ -41,6 +41,11 @@ def options(mode: str, micro: int) -> RLHFOptions:
                                use_kl_loss=True, kl_loss_coef=0.3, entropy_coef=0.01, clip_ratio_c=3.0)
 
 
+def backward_of(model):
+    """What a worker's run_objective does on one process: the network, the objective, backward."""
+    return lambda tokens, packed, objective: objective(model(tokens), packed).backward()
+
+
 def grads(model) -> dict[str, torch.Tensor]:
     full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t  # noqa: E731
     return {n: full(p.grad).clone() for n, p in model.named_parameters()}
@@ -50,7 +55,7 @@ def single_process(mode: str, micro: int) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     model, _, _ = parallelize(build_model(CFG, device="meta"), None, ParallelConfig(), device="cpu", seed=3)
     batch = make_batch()
-    policy_gradients(model, batch, options(mode, micro), loss_scale(batch["response_mask"], 6), dp_size=1)
+    policy_gradients(backward_of(model), batch, options(mode, micro), loss_scale(batch["response_mask"], 6), dp_size=1)
     return grads(model)
 
 
@@ -62,7 +67,7 @@ def two_workers(mode: str) -> dict[str, torch.Tensor]:
     scale = loss_scale(batch["response_mask"], 6)  # the whole mini-batch's, as the driver sends it
     rank = torch.distributed.get_rank()
     part = batch[rank * ROWS // 2:(rank + 1) * ROWS // 2]
-    policy_gradients(model, part, options(mode, 2), scale, dp_size=2)
+    policy_gradients(backward_of(model), part, options(mode, 2), scale, dp_size=2)
     return {n: g.numpy() for n, g in grads(model).items()}  # numpy: a forked rank's tensors die with it
 
 

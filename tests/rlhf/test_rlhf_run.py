@@ -66,7 +66,8 @@ def test_remax_rloo_reinforce_pp_run(sft_checkpoint, tmp_path):
     (["task.backend=local", "task.actor.dp_shard=2"], "task.backend=local"),
     (["task.algorithm=grpo", "task.samples_per_prompt=1"], "task.samples_per_prompt"),
     (["task.reward=nope"], "task.reward"),
-    (["task.actor.pp=2"], "task.actor.pp"),
+    (["task.actor.pp=2", "task.actor.virtual_stages=2", "task.actor.schedule=interleaved_1f1b"], "task.actor.schedule"),
+    (["task.critic.dp_backend=deepspeed", "task.algorithm=ppo"], "task.critic.dp_backend"),
     (["task.max_new_tokens=100"], "model.max_seq_len"),
 ])
 def test_impossible_settings_are_refused_before_any_worker(tmp_path, overrides, key):
@@ -88,3 +89,15 @@ def test_a_checkpoint_the_actor_cannot_load_is_one_line_exit_2(sft_checkpoint, t
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert "bad checkpoint" in err and "[actor rank 0]" in err
+
+
+def test_pipeline_parallel_actor_and_critic_on_ray_resume_without_stages(sft_checkpoint, tmp_path, ray_session):
+    """PPO with the actor and the critic on pp=2 (generation through the stages, 1F1B updates),
+    resumed on the local backend without pipeline stages (DCP reshards across the layouts)."""
+    common = ["task.algorithm=ppo", f"task.init_from={sft_checkpoint}", "checkpoint.every=1"]
+    run_in_process(rlhf_config(tmp_path, *common, "task.iterations=1", "task.actor.pp=2", "task.critic.pp=2"))
+    result = run_in_process(rlhf_config(tmp_path, *common, "task.iterations=2", "task.backend=local",
+                                        "checkpoint.resume=latest"))
+    rows = metrics(tmp_path)
+    assert result["iterations"] == 2 and rows[1]["actor/grad_norm"] > 0 and "critic/vf_loss" in rows[1]
+    assert rows[1]["logprob_mismatch_max"] < 1e-4

@@ -13,6 +13,7 @@ from rlhf.data.prompts import build_vocabulary, prompt_batch
 from rlhf.groups.base import WorkerFailure
 from rlhf.groups.local import LocalWorkerGroup
 from rlhf.workers import ActorWorker, ReferenceWorker
+from rlhf.workers.actor import TEACHER_FORCED
 from rlhf.workers.base import WorkerSpec
 from rlhf_harness import ray_session  # noqa: F401 (fixture)
 from trainer.config import ModelConfig, OptimConfig, ParallelConfig
@@ -38,7 +39,7 @@ def test_local_group_binds_the_registered_methods():
     group = LocalWorkerGroup("actor", ActorWorker, spec("actor")).start()
     out = group.generate(prompts())
     assert out["responses"].shape == (6, 4)
-    lp = group.compute_log_prob(out.select("input_ids", "attention_mask", "position_ids", "prompts", "responses"))
+    lp = group.compute_log_prob(out.select(*TEACHER_FORCED))
     assert torch.allclose(lp["old_log_probs"][out["response_mask"]], out["log_probs"][out["response_mask"]], atol=1e-5)
     with pytest.raises(AttributeError, match="registered"):
         group.not_a_method
@@ -53,7 +54,7 @@ def test_ray_group_splits_by_dp_rank_pads_and_passes_futures(ray_session):
         assert [i.dp_rank for i in actor.infos] == [0, 1] and all(i.is_collector for i in actor.infos)
         out = actor.generate(prompts(5))  # 5 rows over 2 workers: padded to 6, one row dropped after
         assert len(out) == 5
-        view = out.select("input_ids", "attention_mask", "position_ids", "prompts", "responses")
+        view = out.select(*TEACHER_FORCED)
         pending = actor.compute_log_prob.future(view)  # returns at once
         ref = reference.compute_ref_log_prob(pending.result().union(view).select(*view.keys()))
         mask = out["response_mask"]

@@ -226,6 +226,7 @@ def test_value_head_model():
 
 
 EXPECTED_PARAMS = {
+    "llama_arith": 188_992,  # the RLHF demo's
     "llama_tiny": 1_262_720,
     "llama_small": 26_089_984,
     "llama_125m": 124_668_672,
