@@ -57,10 +57,12 @@ def role_spec(cfg: PlaitConfig, o: RLHFOptions, role: str, vocab) -> WorkerSpec:
     model = value_config(cfg.model) if role in ("critic", "reward_model") else cfg.model
     lr = o.critic_lr if role == "critic" else o.actor_lr
     optim = replace(cfg.optim, lr=lr, warmup_steps=0, schedule="constant")
-    return WorkerSpec(role=role, rank=0, world_size=layout_dims(layout).world_size, model=model, layout=layout,
+    dims = layout_dims(layout)
+    micro = derive_sizes(o, {role: dims.dp}).micro_batches_per_worker[role] if role in ("actor", "critic") else 1
+    return WorkerSpec(role=role, rank=0, world_size=dims.world_size, model=model, layout=layout,
                       optim=optim, options=o, seed=cfg.seed, precision=cfg.trainer.precision, device=cfg.device,
                       checkpoint_dir=cfg.checkpoint.dir, keep_last=cfg.checkpoint.keep_last,
-                      eos_id=vocab.eos_id, pad_id=vocab.pad_id)
+                      eos_id=vocab.eos_id, pad_id=vocab.pad_id, micro_batches=micro)
 
 
 def start_groups(cfg: PlaitConfig, o: RLHFOptions, roles: list[str], vocab) -> dict[str, WorkerGroup]:

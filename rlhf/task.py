@@ -32,8 +32,11 @@ def check_layout(cfg: PlaitConfig, key: str, layout) -> None:
         raise ConfigError(f"{key}.dp_shard=-1: give a role's data-parallel size explicitly")
     if layout.sequence_parallel:
         raise ConfigError(f"{key}.sequence_parallel=true: not supported with left-padded RLHF batches")
-    if layout.dp_backend == "deepspeed":
-        raise ConfigError(f"{key}.dp_backend=deepspeed: RLHF roles shard with fsdp or replicate with ddp")
+    if layout.dp_backend == "deepspeed" and (layout.tp > 1 or layout.pp > 1):
+        raise ConfigError(f"{key}.dp_backend=deepspeed partitions over all of the role's ranks: it takes "
+                          f"{key}.tp=1 and {key}.pp=1 (use fsdp to combine data parallelism with them)")
+    if layout.dp_backend != "deepspeed" and layout.zero_stage != 1:
+        raise ConfigError(f"{key}.zero_stage={layout.zero_stage} applies to {key}.dp_backend=deepspeed only")
     m = cfg.model
     for what, n in (("n_heads", m.n_heads), ("n_kv_heads", m.n_kv_heads), ("vocab_size", m.vocab_size)):
         if n % layout.tp:

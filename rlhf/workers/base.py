@@ -44,6 +44,7 @@ class WorkerSpec:
     checkpoint_dir: str = ""
     keep_last: int = 3
     eos_id: int = 2  # the tokenizer's end token: a response stops after it
+    micro_batches: int = 1  # forward/backward passes per worker per update (DeepSpeed's accumulation)
     pad_id: int = 0
     master_addr: str = "127.0.0.1"
     master_port: int = 0
@@ -67,6 +68,8 @@ class Worker:
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.info: Optional[WorkerInfo] = None
         self.pipeline = None
+        self.engine = None  # a DeepSpeed ZeRO engine (dp_backend=deepspeed), else None
+        self._zero_states: tuple = ()
         self.objective = StagedObjective()  # what a pipeline's last stage computes, set per call
         self._ckpt_group = None
 
@@ -117,6 +120,11 @@ class Worker:
             self._run_objective(tokens, packed, fn, train)
 
     def _run_objective(self, tokens: torch.Tensor, packed: torch.Tensor, fn, train: bool) -> None:
+        if self.engine is not None and train:  # DeepSpeed counts micro-batches, steps at the last one
+            loss = fn(self.engine(tokens), packed)
+            self.engine.backward(loss, scale_wrt_gas=False)  # the objective is already the exact share
+            self.engine.step()
+            return
         if self.pipeline is None:
             with torch.set_grad_enabled(train):
                 loss = fn(self.model(tokens), packed)
@@ -138,7 +146,10 @@ class Worker:
             self.pipeline.eval(tokens, packed)
 
     def optimizer_step(self) -> float:
-        """Clip by the global norm (over pipeline stages too), step, zero; returns the norm."""
+        """Clip by the global norm (over pipeline stages too), step, zero; returns the norm.
+        (A DeepSpeed engine has stepped at its last micro-batch: only its norm is read.)"""
+        if self.engine is not None:
+            return float(self.engine.get_global_grad_norm() or 0.0)
         params = [p for part in self.parts for p in part.parameters()]
         pp_group = self.mesh["pp"].get_group() if self.pipeline is not None else None
         norm = clip_grad_norm(params, self.spec.optim.grad_clip, pp_group)
@@ -154,10 +165,24 @@ class Worker:
         self.load_initial_weights()
         if self.trainable:
             self.optimizer = build_optimizer(self.parts, self.spec.optim)
+            if self.spec.layout.dp_backend == "deepspeed" and self.info.dp_size > 1:
+                self._apply_deepspeed()
         else:
             for part in self.parts:
                 part.requires_grad_(False)
         return self.info
+
+    def _apply_deepspeed(self) -> None:
+        """ZeRO over the role's data-parallel ranks (the whole group: no tp or pp with it)."""
+        from parallel.deepspeed_zero import apply_deepspeed
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _: 1.0)
+        zero = apply_deepspeed(self.model, self.optimizer, scheduler, self.mesh["dp"], self.spec.layout.zero_stage,
+                               micro_batch_size=self.spec.options.responses_per_micro_batch,
+                               grad_accum=self.spec.micro_batches, grad_clip=self.spec.optim.grad_clip,
+                               bf16_autocast=self.spec.precision == "bf16")
+        self.engine, self.model = zero.engine, zero.engine  # forward (and generation) run through it
+        self._zero_states = (zero.model_state, zero.optimizer_state)
 
     def load_initial_weights(self) -> None:
         """Weights from the role's `init_from` checkpoint (the "model" component), if one is set."""
@@ -171,7 +196,9 @@ class Worker:
 
     def components(self) -> dict:
         out = {"model": ModelState(self.parts), "rng": RNGState(self.spec.rank, seed=self.spec.seed)}
-        if self.optimizer is not None:
+        if self.engine is not None:  # full tensors by FQN: the same keys, so it reshards to FSDP and back
+            out["model"], out["optimizer"] = self._zero_states
+        elif self.optimizer is not None:
             out["optimizer"] = OptimizerState(self.parts, self.optimizer)
         return out
 

@@ -67,7 +67,7 @@ def test_remax_rloo_reinforce_pp_run(sft_checkpoint, tmp_path):
     (["task.algorithm=grpo", "task.samples_per_prompt=1"], "task.samples_per_prompt"),
     (["task.reward=nope"], "task.reward"),
     (["task.actor.pp=2", "task.actor.virtual_stages=2", "task.actor.schedule=interleaved_1f1b"], "task.actor.schedule"),
-    (["task.critic.dp_backend=deepspeed", "task.algorithm=ppo"], "task.critic.dp_backend"),
+    (["task.critic.dp_backend=deepspeed", "task.critic.tp=2", "task.algorithm=ppo"], "task.critic.dp_backend"),
     (["task.max_new_tokens=100"], "model.max_seq_len"),
 ])
 def test_impossible_settings_are_refused_before_any_worker(tmp_path, overrides, key):
@@ -101,3 +101,15 @@ def test_pipeline_parallel_actor_and_critic_on_ray_resume_without_stages(sft_che
     rows = metrics(tmp_path)
     assert result["iterations"] == 2 and rows[1]["actor/grad_norm"] > 0 and "critic/vf_loss" in rows[1]
     assert rows[1]["logprob_mismatch_max"] < 1e-4
+
+
+def test_deepspeed_zero_actor_on_ray_resumes_on_fsdp(sft_checkpoint, tmp_path, ray_session):
+    """GRPO with the actor on 2 ZeRO-2 workers; resumed with 1 plain worker (the checkpoint holds
+    full tensors by FQN whatever the backend)."""
+    common = ["task.algorithm=grpo", f"task.init_from={sft_checkpoint}", "checkpoint.every=1"]
+    run_in_process(rlhf_config(tmp_path, *common, "task.iterations=1", "task.actor.dp_shard=2",
+                               "task.actor.dp_backend=deepspeed", "task.actor.zero_stage=2"))
+    result = run_in_process(rlhf_config(tmp_path, *common, "task.iterations=2", "task.backend=local",
+                                        "checkpoint.resume=latest"))
+    rows = metrics(tmp_path)
+    assert result["iterations"] == 2 and rows[1]["actor/grad_norm"] > 0 and "actor/pg_loss" in rows[2]
