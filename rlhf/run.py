@@ -151,6 +151,7 @@ def run(cfg: PlaitConfig, env: DistEnv) -> dict:
              + ", ".join(f"{r} ×{layout_dims(getattr(o, r)).world_size}" for r in roles)
              + f"; {o.iterations} iterations; {len(loader.records)} training prompts, {len(heldout)} held out")
     log.text(sizes.describe())
+    vocab.tokenizer.save(str(Path(cfg.run_dir) / "tokenizer.json"))  # beside the checkpoints: exports ship it
 
     started_ray = False
     if o.backend == "ray":

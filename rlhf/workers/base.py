@@ -204,7 +204,8 @@ class Worker:
 
     def _checkpointer(self, roles: tuple[str, ...], attempt: str) -> Checkpointer:
         meta = {"task": "rlhf", "role": self.role, "world_size": self.spec.world_size,
-                "layout": {k: getattr(self.spec.layout, k) for k in ("pp", "dp_replicate", "dp_shard", "tp")}}
+                "layout": {k: getattr(self.spec.layout, k) for k in ("pp", "dp_replicate", "dp_shard", "tp")},
+                "config": {"model": plain_dict(self.spec.model)}}  # what `plait-ckpt export --role` builds
         return Checkpointer(self.spec.checkpoint_dir, keep_last=self.spec.keep_last, meta=meta,
                             group=self._ckpt_group, role=self.role, roles=roles, attempt=attempt)
 
@@ -226,6 +227,15 @@ class Worker:
     def shutdown(self, _: Any = None) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def plain_dict(cfg) -> dict:
+    """A dataclass or OmegaConf node as a plain dict (JSON for a manifest)."""
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        return dataclasses.asdict(cfg)
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
 
 
 def replace(cfg, **changes):

@@ -113,3 +113,24 @@ def test_deepspeed_zero_actor_on_ray_resumes_on_fsdp(sft_checkpoint, tmp_path, r
                                         "checkpoint.resume=latest"))
     rows = metrics(tmp_path)
     assert result["iterations"] == 2 and rows[1]["actor/grad_norm"] > 0 and "actor/pg_loss" in rows[2]
+
+
+def test_actor_exports_to_hugging_face_and_comes_back(sft_checkpoint, tmp_path):
+    """plait-ckpt export --role actor of an RLHF step, then import-hf, then task.init_from=: the
+    imported policy scores exactly what the exported one did on the held-out prompts."""
+    from trainer.checkpoint.cli import main
+
+    def ckpt(argv: list[str]) -> int:
+        try:
+            return main(argv)
+        except SystemExit as done:
+            return done.code
+
+    run_in_process(rlhf_config(tmp_path / "rl", "task.backend=local", f"task.init_from={sft_checkpoint}",
+                               "task.iterations=2", "task.eval_every=1"))
+    assert ckpt(["export", str(tmp_path / "rl" / "checkpoints"), "--to", "hf", str(tmp_path / "hf"), "--role", "actor"]) == 0
+    assert (tmp_path / "hf" / "tokenizer.json").exists()
+    assert ckpt(["import-hf", str(tmp_path / "hf"), str(tmp_path / "imported")]) == 0
+    run_in_process(rlhf_config(tmp_path / "again", "task.backend=local", f"task.init_from={tmp_path / 'imported'}",
+                               "task.iterations=1"))
+    assert metrics(tmp_path / "again")[0]["eval/accuracy"] == metrics(tmp_path / "rl")[2]["eval/accuracy"]
