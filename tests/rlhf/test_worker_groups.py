@@ -41,6 +41,9 @@ def test_local_group_binds_the_registered_methods():
     assert out["responses"].shape == (6, 4)
     lp = group.compute_log_prob(out.select(*TEACHER_FORCED))
     assert torch.allclose(lp["old_log_probs"][out["response_mask"]], out["log_probs"][out["response_mask"]], atol=1e-5)
+    # a future is accepted wherever its value is: it is waited for first
+    chained = group.compute_log_prob(group.generate.future(prompts()))
+    torch.testing.assert_close(chained["old_log_probs"], lp["old_log_probs"], rtol=0, atol=0)
     with pytest.raises(AttributeError, match="registered"):
         group.not_a_method
 
