@@ -31,6 +31,9 @@ class FederatedConfig(TaskOptions):
     # and SuperNodes (`flower-superlink`, `flower-supernode`, `flwr run`); local = the same server loop
     # and clients in this process, no Flower (debugging, unit tests, benchmarks)
     mode: str = choice("simulation", "deploy", "local")
+    # the network every client fine-tunes, built from model.* and the seed: a Plait Llama, or the same
+    # weights as a Hugging Face LlamaForCausalLM (target modules may be named either way: wq or q_proj)
+    base: str = choice("plait", "hf")
     num_clients: int = bounded(4, ge=1)
     rounds: int = bounded(5, ge=1)
     strategy: str = "svd"  # federated/aggregation.py STRATEGIES: fedit | ffa | flora | svd | hetlora | fedex

@@ -1,9 +1,12 @@
-"""The model a client fine-tunes: a Plait Llama (built from `model.*` and the seed, no download) with
-the round's base delta folded in, its frozen base weight-only quantized with optimum-quanto (int8 or
-int4; bits=32 leaves it in float), and peft LoRA on the planned modules at the client's ranks.
+"""The model a client fine-tunes: a Plait Llama, or the same network as a Hugging Face
+`LlamaForCausalLM` (`task.base=hf`; both built from `model.*` and the seed with the same weights, no
+download), with the round's base delta folded in, its frozen base weight-only quantized with
+optimum-quanto (int8 or int4; bits=32 leaves it in float), and peft LoRA on the planned modules at
+the client's ranks.
 
 The task reads the logits at the last position restricted to the label tokens (federated/data.py).
-Module names here are the plain model's (`layers.0.attention.wq`); peft's carry `base_model.model.`.
+Module names here are the plain model's (`layers.0.attention.wq`, or HF's
+`model.layers.0.self_attn.q_proj`); peft's carry `base_model.model.`.
 """
 
 from __future__ import annotations
@@ -20,12 +23,15 @@ from trainer.config import ModelConfig
 from trainer.errors import ConfigError
 
 PEFT_PREFIX = "base_model.model."
-HEAD = "output"  # the LM head: never quantized, never adapted
+HEADS = ("output", "lm_head")  # the LM head (Plait's, HF's): never quantized, never adapted
+# task.target_modules may name Plait's or HF's projections either way
+HF_NAMES = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj", "w1": "gate_proj", "w2": "down_proj",
+            "w3": "up_proj"}
 _BASES: dict[str, dict[str, Tensor]] = {}  # (config, seed) → initial weights, built once per process
 
 
 def base_weights(cfg: ModelConfig, seed: int) -> dict[str, Tensor]:
-    """W0: the initial weights of `cfg` under `seed`, the same in every process."""
+    """W0: the initial weights of `cfg` under `seed` (Plait's names), the same in every process."""
     from dataclasses import asdict
 
     from trainer.models import build_model
@@ -36,14 +42,30 @@ def base_weights(cfg: ModelConfig, seed: int) -> dict[str, Tensor]:
     return _BASES[key]
 
 
-def build_base(cfg: ModelConfig, seed: int, base_delta: Optional[Mapping[str, Tensor]] = None) -> nn.Module:
-    """W0 + ΔW_base (module name → delta of its weight), in float32."""
-    from trainer.models import build_model
+def build_base(cfg: ModelConfig, seed: int, base_delta: Optional[Mapping[str, Tensor]] = None,
+               kind: str = "plait") -> nn.Module:
+    """W0 + ΔW_base (module name → delta of its weight), in float32; kind: plait | hf (LlamaForCausalLM)."""
+    if kind == "hf":
+        from transformers import LlamaForCausalLM
 
-    model = build_model(cfg, device="meta")
-    model.to_empty(device="cpu")
-    model.load_state_dict(base_weights(cfg, seed), strict=False)
-    model.init_buffers()
+        from trainer.models.hf import to_hf_config, to_hf_state_dict
+
+        with torch.device("meta"):
+            model = LlamaForCausalLM(to_hf_config(cfg))
+        model.to_empty(device="cpu")
+        missing, _ = model.load_state_dict(to_hf_state_dict(base_weights(cfg, seed)), strict=False)
+        model.model.rotary_emb.__init__(model.config)  # its inv_freq buffer is not in any state dict
+        if [k for k in missing if "rotary" not in k]:
+            raise ValueError(f"the HF model has weights the Plait one lacks: {missing[:5]}")
+    elif kind == "plait":
+        from trainer.models import build_model
+
+        model = build_model(cfg, device="meta")
+        model.to_empty(device="cpu")
+        model.load_state_dict(base_weights(cfg, seed), strict=False)
+        model.init_buffers()
+    else:
+        raise ConfigError(f"task.base={kind!r} is not allowed; choose one of: plait, hf")
     if base_delta:
         fold(model, base_delta)
     return model
@@ -61,7 +83,7 @@ def fold(model: nn.Module, deltas: Mapping[str, Tensor]) -> None:
 
 def adaptable_modules(model: nn.Module) -> list[str]:
     """Every Linear but the head, in model order: what the planner may adapt."""
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != HEAD]
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] not in HEADS]
 
 
 def weight_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
@@ -72,7 +94,9 @@ def weight_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
 
 def select(model: nn.Module, suffixes: list[str]) -> list[str]:
     """The adaptable modules whose name ends with one of `suffixes` (`task.target_modules`)."""
-    names = [n for n in adaptable_modules(model) if any(n == s or n.endswith("." + s) for s in suffixes)]
+    wanted = set(suffixes) | {HF_NAMES[s] for s in suffixes if s in HF_NAMES} | \
+        {k for k, v in HF_NAMES.items() if v in suffixes}
+    names = [n for n in adaptable_modules(model) if any(n == s or n.endswith("." + s) for s in wanted)]
     if not names:
         raise ConfigError(f"task.target_modules={suffixes} matches no Linear of the model; its modules end in: "
                           f"{', '.join(sorted({n.rsplit('.', 1)[-1] for n in adaptable_modules(model)}))}")
@@ -88,7 +112,7 @@ def quantize(model: nn.Module, bits: int) -> nn.Module:
     weights = {8: qint8, 4: qint4}.get(bits)
     if weights is None:
         raise ConfigError(f"quantization bits={bits} is not supported; allowed: 4, 8, 32")
-    quanto_quantize(model, weights=weights, exclude=[HEAD])
+    quanto_quantize(model, weights=weights, exclude=list(HEADS))
     freeze(model)
     return model
 
@@ -106,9 +130,9 @@ def with_lora(model: nn.Module, ranks: Mapping[str, int], alpha_ratio: float) ->
 
 
 def client_model(cfg: ModelConfig, seed: int, base_delta: Mapping[str, Tensor], bits: int,
-                 adapters: Adapters, alpha_ratio: float) -> nn.Module:
+                 adapters: Adapters, alpha_ratio: float, kind: str = "plait") -> nn.Module:
     """The model a client trains this round: W0 + ΔW_base, quantized, with `adapters` loaded."""
-    model = quantize(build_base(cfg, seed, base_delta), bits)
+    model = quantize(build_base(cfg, seed, base_delta, kind), bits)
     model = with_lora(model, {n: p.rank for n, p in adapters.items()}, alpha_ratio)
     load_into_peft(model, {PEFT_PREFIX + n: p for n, p in adapters.items()})
     return model
@@ -131,7 +155,9 @@ def lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 def logits(model: nn.Module, tokens: Tensor, label_tokens: list[int]) -> Tensor:
     """[B, C]: the last position's logits over the label tokens."""
-    return model(tokens)[:, -1, label_tokens].float()
+    out = model(tokens)
+    out = getattr(out, "logits", out)  # a Hugging Face model returns a ModelOutput
+    return out[:, -1, label_tokens].float()
 
 
 def loss(model: nn.Module, tokens: Tensor, labels: Tensor, label_tokens: list[int]) -> Tensor:
@@ -148,9 +174,19 @@ def accuracy(model: nn.Module, tokens: Tensor, labels: Tensor, label_tokens: lis
     return right / len(tokens)
 
 
-def merged(cfg: ModelConfig, seed: int, delta: Mapping[str, Tensor]) -> nn.Module:
+def merged(cfg: ModelConfig, seed: int, delta: Mapping[str, Tensor], kind: str = "plait") -> nn.Module:
     """W0 + ΔW in float32, no adapters: the model the federation exports."""
-    return build_base(cfg, seed, delta)
+    return build_base(cfg, seed, delta, kind)
+
+
+def plait_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The weights under Plait's names (what `plait-ckpt export` reads), from either kind of model."""
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if any(k.startswith("model.layers.") for k in sd):
+        from trainer.models.hf import from_hf_state_dict
+
+        sd = from_hf_state_dict({k: v for k, v in sd.items() if "rotary" not in k})
+    return sd
 
 
 def init_adapters(shapes: Mapping[str, tuple[int, int]], client_ranks: list[Mapping[str, int]],

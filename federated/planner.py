@@ -75,8 +75,13 @@ def costs_of(model: nn.Module, seq_len: int, local_steps: int) -> Costs:
     shapes = weight_shapes(model)
     linear = sum(o * i for o, i in shapes.values())
     total = sum(p.numel() for p in model.parameters())
-    cfg = model.cfg
-    per_token = cfg.n_layers * (10 * cfg.dim + 3 * cfg.ffn_dim) + cfg.vocab_size  # stored for backward
+    cfg = getattr(model, "cfg", None)  # a Plait Llama's ModelConfig, else a Hugging Face LlamaConfig
+    if cfg is not None:
+        layers, dim, ffn, vocab = cfg.n_layers, cfg.dim, cfg.ffn_dim, cfg.vocab_size
+    else:
+        hf = model.config
+        layers, dim, ffn, vocab = hf.num_hidden_layers, hf.hidden_size, hf.intermediate_size, hf.vocab_size
+    per_token = layers * (10 * dim + 3 * ffn) + vocab  # activations stored for backward
     return Costs(shapes, linear, total - linear, seq_len, 4.0 * per_token * seq_len, local_steps)
 
 

@@ -43,7 +43,7 @@ def make_plan(cfg: PlaitConfig, log: Callable[[str], None]):
     from federated.data import TaskSpec, generate
 
     c: FederatedConfig = cfg.task
-    base = fm.build_base(cfg.model, cfg.seed)
+    base = fm.build_base(cfg.model, cfg.seed, kind=c.base)
     spec = TaskSpec(c.num_classes, c.seq_len, cfg.model.vocab_size, c.keyword_prob)
     tokens, labels = generate(spec, c.calibration_samples, seed=cfg.seed + 3, task_seed=cfg.seed)
     imp = pl.importance(base, tokens, labels, spec.label_tokens)
@@ -88,7 +88,7 @@ def serve(cfg: PlaitConfig, make_transport) -> dict:
     from federated.data import TaskSpec, test_set
     from federated.server import FederationStopped, Server, plans_json
     from trainer.checkpoint import Checkpointer
-    from trainer.checkpoint.state import Progress
+    from trainer.checkpoint.state import Progress, TensorDict
     from trainer.launch.preemption import PreemptionHandler
     from trainer.metrics import MetricLogger
 
@@ -115,9 +115,9 @@ def serve(cfg: PlaitConfig, make_transport) -> dict:
     test_tokens, test_labels = test_set(spec, c.test_samples, cfg.seed)
 
     def evaluate(delta):
-        return fm.accuracy(fm.merged(cfg.model, cfg.seed, delta), test_tokens, test_labels, spec.label_tokens)
+        return fm.accuracy(fm.merged(cfg.model, cfg.seed, delta, c.base), test_tokens, test_labels, spec.label_tokens)
 
-    shapes = fm.weight_shapes(fm.build_base(cfg.model, cfg.seed))
+    shapes = fm.weight_shapes(fm.build_base(cfg.model, cfg.seed, kind=c.base))
     strategy = build_strategy(c.strategy)
     server = Server(strategy, plans, {m: shapes[m] for m in plans[0].ranks}, cfg.seed, c.lora_alpha_ratio,
                     str(Path(cfg.run_dir) / "clients"), c.min_clients, evaluate)
@@ -177,8 +177,8 @@ def serve(cfg: PlaitConfig, make_transport) -> dict:
             if (every and rnd % every == 0) or (final and cfg.checkpoint.save_final) or preemption.received:
                 saved = dict(components)
                 if final:
-                    merged = fm.merged(cfg.model, cfg.seed, server.state.global_delta())
-                    saved["model"] = _model_tensors(merged)
+                    merged = fm.merged(cfg.model, cfg.seed, server.state.global_delta(), c.base)
+                    saved["model"] = TensorDict(fm.plait_state_dict(merged))  # Plait's names: plait-ckpt export
                 path = checkpointer.save(rnd, saved, counters={"round": rnd})
                 log.text(f"checkpoint: {path}")
             if preemption.received:
@@ -196,12 +196,6 @@ def serve(cfg: PlaitConfig, make_transport) -> dict:
 
         plot_run(Path(cfg.run_dir), history, pb, sol)
     return summary
-
-
-def _model_tensors(model):
-    from trainer.checkpoint.state import TensorDict
-
-    return TensorDict({k: v.detach().clone() for k, v in model.state_dict().items()})
 
 
 def dp_epsilon(c: FederatedConfig, rounds: int) -> float:

@@ -162,7 +162,7 @@ class Server:
             if {m: p.shape for m, p in reply.adapters.items()} != {m: p.shape for m, p in sent.items()} or \
                     {m: p.rank for m, p in reply.adapters.items()} != {m: p.rank for m, p in sent.items()}:
                 dropped[k] = "its adapters do not match the ranks it was sent"
-        replies = {k: r for k, r in replies.items() if k not in dropped}
+        replies = {k: replies[k] for k in sorted(replies) if k not in dropped}  # client order, not arrival order
         if len(replies) < self.min_clients:
             why = "; ".join(f"client {k}: {v}" for k, v in sorted(dropped.items()))
             raise FederationStopped(f"round {rnd}: {len(replies)} of {len(self.plans)} clients replied, fewer than "

@@ -51,6 +51,20 @@ def test_lora_on_an_int8_quantized_frozen_base_trains_only_the_adapters():
     assert fm.read_adapters(net)[MODS[0]].scale == 2.0
 
 
+def test_hf_base_is_the_plait_base_as_llama_for_causal_lm():
+    from optimum.quanto import QLinear
+
+    plait, hf = fm.build_base(MC, 0), fm.build_base(MC, 0, kind="hf")
+    tokens = torch.randint(0, MC.vocab_size, (3, 12))
+    torch.testing.assert_close(fm.logits(hf, tokens, [2, 3, 4, 5]), fm.logits(plait, tokens, [2, 3, 4, 5]),
+                               rtol=0, atol=1e-6)
+    assert fm.select(hf, ["wq", "v_proj"]) == [f"model.layers.{i}.self_attn.{p}" for i in range(2)
+                                               for p in ("q_proj", "v_proj")]
+    assert "lm_head" not in " ".join(fm.adaptable_modules(hf))
+    q = fm.quantize(hf, 4)
+    assert isinstance(q.model.layers[0].mlp.down_proj, QLinear) and not isinstance(q.lm_head, QLinear)
+
+
 def test_a_client_resumes_its_state_from_its_own_disk(tmp_path):
     """Rounds 1, 2 in one go equal round 1, then round 2 in a fresh process state (module caches cleared)."""
     c = options()

@@ -77,7 +77,7 @@ def config(**task):
     ({"faults": ["crash:0:1"]}, "task.faults item 'crash:0:1'"),
     ({"bits": 3}, "task.bits=3 is not allowed"),
     ({"num_clients": 2, "clients": [{}, {"memory_mib": 0.01}]}, "client 1's memory budget"),
-    ({"planner": "uniform", "target_modules": ["q_proj"]}, "task.target_modules=['q_proj'] matches no Linear"),
+    ({"planner": "uniform", "target_modules": ["qkv"]}, "task.target_modules=['qkv'] matches no Linear"),
     ({"min_clients": 9}, "task.min_clients=9 exceeds task.num_clients=4"),
     ({"planner": "uniform", "strategy": "fedex", "num_clients": 2, "client_ranks": [2, 4]},
      "task.client_ranks=[2, 4] mixes ranks, which task.strategy='fedex' cannot aggregate"),

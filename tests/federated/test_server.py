@@ -104,3 +104,17 @@ def test_mixed_ranks_travel_and_aggregate(tmp_path, strategy):
         assert max(x["aggregation_error"] for x in r) < 1e-5
     else:  # truncation to each client's rank loses what the higher ranks added
         assert r[-1]["aggregation_error"] > 1e-4
+
+
+def test_hugging_face_base_gives_the_plait_base_results(tmp_path):
+    """task.base=hf: the same weights as a LlamaForCausalLM (HF module names), the same metrics, and a
+    final `model` component under Plait's names (what plait-ckpt export reads)."""
+    plait = run_local(config(tmp_path / "plait", strategy="flora", rounds=2))
+    hf = run_local(config(tmp_path / "hf", strategy="flora", rounds=2, base="hf"))
+    assert all(m.startswith("model.layers.") for m in hf["plan"][0]["ranks"])
+    a, b = rows(tmp_path / "plait"), rows(tmp_path / "hf")
+    assert [[r[k] for k in KEYS] for r in a] == [[r[k] for k in KEYS] for r in b]
+    sa, sb = server_state(tmp_path / "plait", tmp_path, 2), server_state(tmp_path / "hf", tmp_path, 2)
+    assert sa["model"].keys() == sb["model"].keys()
+    for k in sa["model"]:
+        assert torch.equal(sa["model"][k], sb["model"][k]), k
