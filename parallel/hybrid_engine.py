@@ -1,0 +1,186 @@
+"""The 3D-HybridEngine's resharding (HybridFlow, Sheng et al. EuroSys'25, §5): a model trained under
+(pp=p, tp=t, dp=d) generates under (pp_g=p_g, tp_g=t_g) with d_g = p·t / (p_g·t_g) more data
+parallelism, on the same ranks, moving only what each rank's generation shard lacks.
+
+The paper's grouping, on Plait's rank order (pp-major, tp-minor; parallel/mesh.py): with
+s = p/p_g and r = t/t_g, a rank at (pp_i, dp_i, tp_i) gets generation stage pp_i // s and
+generation tensor rank tp_i // r; its micro-DP group is the s·r ranks of its dp replica that share
+those two, so its generation shard — training stages [g·s, (g+1)·s) × tensor shards
+[k·r, (k+1)·r) — *contains* its training shard. Weights are all-gathered inside micro-DP groups
+only; going back to training needs no communication. Generation tensor groups take ranks at
+stride r (the paper's example: training 1-4-2, TP [0-3], [4-7] → generation 1-2-2-2, TP [0,2],
+[1,3], [4,6], [5,7]; micro-DP [0,1], [2,3], [4,5], [6,7]).
+
+This module holds the grouping and the paper's cost formulas (pure), and `GenerationShards`, the
+transition for tensor-parallel training layouts (pp = 1, no FSDP): it builds the generation
+network under tp_g and fills it from the training shards with one all-gather per parameter inside
+the micro-DP group, counting the bytes it moves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard
+
+
+@dataclass(frozen=True)
+class HybridLayout:
+    """Training (p, t, d) and generation (p_g, t_g): what `hybrid_groups` and the formulas take."""
+
+    p: int
+    t: int
+    d: int
+    p_g: int = 1
+    t_g: int = 1
+
+    def __post_init__(self):
+        if min(self.p, self.t, self.d, self.p_g, self.t_g) < 1:
+            raise ValueError(f"every size must be >= 1: {self}")
+        if self.t % self.t_g:
+            raise ValueError(f"tp_gen={self.t_g} must divide the training tp={self.t}")
+        if self.p % self.p_g:
+            raise ValueError(f"pp_gen={self.p_g} must be 1 or divide the training pp={self.p}")
+
+    @property
+    def micro_dp(self) -> int:
+        """d_g = p·t / (p_g·t_g): ranks that pool their training shards into one generation shard."""
+        return (self.p * self.t) // (self.p_g * self.t_g)
+
+    @property
+    def world(self) -> int:
+        return self.p * self.t * self.d
+
+
+@dataclass(frozen=True)
+class HybridGroups:
+    generation_tp: list[list[int]]  # each generation tensor-parallel group, in tensor-rank order
+    generation_pp: list[list[int]]  # each generation pipeline group, in stage order
+    micro_dp: list[list[int]]       # each micro-DP group, in the order its shards concatenate
+    generation_dp_rank: list[int]   # per rank: its data-parallel index under generation (d·d_g of them)
+
+
+def coords(rank: int, lay: HybridLayout) -> tuple[int, int, int]:
+    """(pp_i, dp_i, tp_i) of a rank in Plait's order: rank = (pp_i·d + dp_i)·t + tp_i."""
+    tp_i = rank % lay.t
+    dp_i = (rank // lay.t) % lay.d
+    return rank // (lay.t * lay.d), dp_i, tp_i
+
+
+def rank_of(pp_i: int, dp_i: int, tp_i: int, lay: HybridLayout) -> int:
+    return (pp_i * lay.d + dp_i) * lay.t + tp_i
+
+
+def hybrid_groups(lay: HybridLayout) -> HybridGroups:
+    """The paper's generation TP / PP groups (ranks at stride t/t_g, p/p_g) and micro-DP groups."""
+    s, r = lay.p // lay.p_g, lay.t // lay.t_g
+    tp_groups, pp_groups, micro, gen_dp = [], [], [], [0] * lay.world
+    for dp_i in range(lay.d):
+        for g in range(lay.p_g):
+            for k in range(lay.t_g):  # a micro-DP group: stages g·s.., tensor shards k·r.. (in that order)
+                micro.append([rank_of(g * s + a, dp_i, k * r + b, lay) for a in range(s) for b in range(r)])
+        for m in range(lay.micro_dp):  # m = a·r + b: the same place inside every micro-DP group
+            a, b = divmod(m, r)
+            for g in range(lay.p_g):
+                tp_groups.append([rank_of(g * s + a, dp_i, k * r + b, lay) for k in range(lay.t_g)])
+            for k in range(lay.t_g):
+                pp_groups.append([rank_of(g * s + a, dp_i, k * r + b, lay) for g in range(lay.p_g)])
+            for g in range(lay.p_g):
+                for k in range(lay.t_g):
+                    gen_dp[rank_of(g * s + a, dp_i, k * r + b, lay)] = dp_i * lay.micro_dp + m
+    return HybridGroups(tp_groups, pp_groups, micro, gen_dp)
+
+
+def hybrid_transition_bytes(lay: HybridLayout, model_bytes: float) -> float:
+    """Per rank and transition (HybridFlow Table 2): (t·p − t_g·p_g) / (t_g·p_g·t·p) · M."""
+    return (lay.t * lay.p - lay.t_g * lay.p_g) / (lay.t_g * lay.p_g * lay.t * lay.p) * model_bytes
+
+
+def naive_transition_bytes(lay: HybridLayout, model_bytes: float) -> float:
+    """The all-gather baseline (every rank gathers the whole model): (t·p·d − 1) / (t·p·d) · M."""
+    n = lay.t * lay.p * lay.d
+    return (n - 1) / n * model_bytes
+
+
+def hybrid_peak_extra_bytes(lay: HybridLayout, model_bytes: float) -> float:
+    """Memory beyond the training shard while generating: M/(t_g·p_g) − M/(t·p) (redundancy 0)."""
+    return model_bytes / (lay.t_g * lay.p_g) - model_bytes / (lay.t * lay.p)
+
+
+# --- the transition for tensor-parallel training layouts ----------------------------------------
+
+
+def _shard_dim(param: torch.Tensor) -> Optional[int]:
+    """The tensor dimension a TP DTensor is sharded along (None: replicated or a plain tensor)."""
+    if not isinstance(param, DTensor):
+        return None
+    dims = [p.dim for p in param.placements if isinstance(p, Shard)]
+    return dims[0] if dims else None
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+class GenerationShards:
+    """A generation copy of a tensor-parallel training model under tp_g (pp = p_g = 1), filled from
+    the training shards by all-gathers inside micro-DP groups.
+
+    `build(mesh)` must make the generation network (its TP plan applied over the 1-D `mesh`, or a
+    plain module when tp_g = 1) on this rank's device. Every rank of the default group constructs
+    this together (it creates the groups). `to_generation()` copies the current training weights in
+    and returns the bytes this rank received; `release()` frees the generation weights' storage."""
+
+    def __init__(self, train_model: nn.Module, lay: HybridLayout, build: Callable[[Optional[DeviceMesh]], nn.Module],
+                 device: torch.device):
+        if lay.p != 1 or lay.p_g != 1:
+            raise ValueError("GenerationShards handles tensor-parallel training layouts (pp = 1)")
+        self.train_model, self.lay, self.device = train_model, lay, device
+        self.groups = hybrid_groups(lay)
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        self.micro_group, self.micro_ranks = None, [rank]
+        for ranks in self.groups.micro_dp:  # every rank creates every group, in the same order
+            group = dist.new_group(ranks) if lay.micro_dp > 1 else None
+            if rank in ranks:
+                self.micro_group, self.micro_ranks = group, ranks
+        mesh = None
+        if lay.t_g > 1:
+            arrangement = torch.tensor(sorted(self.groups.generation_tp, key=lambda g: self.groups.generation_dp_rank[g[0]]))
+            mesh = DeviceMesh(device.type, arrangement, mesh_dim_names=("dp", "tp"))["tp"]
+        self.model = build(mesh)
+        self.bytes_received = 0
+
+    @torch.no_grad()
+    def to_generation(self) -> int:
+        """Training weights → generation weights; the bytes this rank received."""
+        received = 0
+        gen = dict(self.model.named_parameters())
+        for name, param in self.train_model.named_parameters():
+            target = _local(gen[name])
+            if target.untyped_storage().size() == 0:  # released earlier: allocate again
+                target.untyped_storage().resize_(target.numel() * target.element_size())
+            local = _local(param.detach())
+            dim = _shard_dim(param)
+            if dim is None or self.lay.micro_dp == 1:
+                target.copy_(local)
+                continue
+            parts = [torch.empty_like(local) for _ in self.micro_ranks]
+            dist.all_gather(parts, local.contiguous(), group=self.micro_group)
+            target.copy_(torch.cat(parts, dim=dim))
+            received += local.numel() * local.element_size() * (len(self.micro_ranks) - 1)
+        self.bytes_received = received
+        return received
+
+    def release(self) -> None:
+        """Free the generation weights (their storage; the parameters stay, empty, until the next
+        `to_generation`)."""
+        for p in self.model.parameters():
+            _local(p.data).untyped_storage().resize_(0)
+
+    def generation_bytes(self) -> int:
+        return sum(_local(p).numel() * _local(p).element_size() for p in self.model.parameters())

@@ -1,0 +1,114 @@
+"""parallel/hybrid_engine.py: the paper's grouping and cost formulas, and the tensor-parallel
+transition: generation weights equal training weights exactly, greedy generation under the
+generation layout equals one process, bytes moved equal HybridFlow's formula."""
+
+import itertools
+
+import pytest
+import torch
+
+from parallel.hybrid_engine import (GenerationShards, HybridLayout, coords, hybrid_groups, hybrid_peak_extra_bytes,
+                                    hybrid_transition_bytes, naive_transition_bytes)
+from parallel.init import materialize
+from parallel.tensor import FullLogits, apply_tp
+from trainer.config import ModelConfig
+from trainer.launch.forked import run_ranks
+from trainer.models import build_model
+from trainer.models.llama import generate
+
+CFG = ModelConfig(name="llama_hybrid", vocab_size=64, dim=64, n_layers=2, n_heads=8, n_kv_heads=4, ffn_dim=128,
+                  max_seq_len=32, init_std=0.2)
+
+
+def test_the_papers_example():
+    g = hybrid_groups(HybridLayout(p=1, t=4, d=2, t_g=2))
+    assert sorted(g.generation_tp) == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert sorted(g.micro_dp) == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert sorted(g.generation_dp_rank) == sorted(list(range(4)) * 2)  # 4 generation replicas of 2 ranks
+
+
+@pytest.mark.parametrize("p, t, d, p_g, t_g", [(1, 4, 2, 1, 2), (2, 2, 1, 1, 2), (2, 4, 2, 1, 1), (4, 2, 1, 2, 1),
+                                               (2, 8, 1, 2, 2), (1, 2, 3, 1, 1)])
+def test_every_generation_shard_contains_its_training_shard(p, t, d, p_g, t_g):
+    lay = HybridLayout(p, t, d, p_g, t_g)
+    g = hybrid_groups(lay)
+    s, r = p // p_g, t // t_g
+    assert sorted(itertools.chain(*g.micro_dp)) == list(range(lay.world))  # a partition of the ranks
+    for group in g.micro_dp:
+        assert len(group) == lay.micro_dp
+        stages = {coords(x, lay)[0] // s for x in group}
+        tensor = {coords(x, lay)[2] // r for x in group}
+        assert len(stages) == 1 and len(tensor) == 1  # one generation shard: the members' union
+    for group in g.generation_tp:
+        assert [coords(x, lay)[2] // r for x in group] == list(range(t_g))
+        assert len({x % r for x in group}) == 1  # ranks at stride r = t / t_g
+    assert len(set(g.generation_dp_rank)) == d * lay.micro_dp
+
+
+def test_the_papers_cost_formulas():
+    lay, m = HybridLayout(p=1, t=8, d=2, t_g=2), 1.0
+    assert hybrid_transition_bytes(lay, m) == pytest.approx((8 - 2) / (2 * 8))
+    assert naive_transition_bytes(lay, m) == pytest.approx(15 / 16)
+    assert hybrid_peak_extra_bytes(lay, m) == pytest.approx(1 / 2 - 1 / 8)
+    assert hybrid_transition_bytes(HybridLayout(p=1, t=4, d=1, t_g=4), m) == 0  # same layout: nothing moves
+
+
+def tp_model(mesh):
+    model = build_model(CFG, device="meta")
+    if mesh is not None:
+        apply_tp(model, mesh)
+    materialize(model, torch.device("cpu"), seed=3)
+    return model
+
+
+def transition(t: int, d: int, t_g: int) -> dict:
+    import torch.distributed as dist
+
+    from parallel.mesh import ParallelDims, build_mesh
+
+    lay = HybridLayout(p=1, t=t, d=d, t_g=t_g)
+    mesh = build_mesh(ParallelDims(dp_replicate=d, tp=t), "cpu")
+    train = tp_model(mesh["tp"])
+    engine = GenerationShards(train, lay, tp_model, torch.device("cpu"))
+    full = lambda x: x.full_tensor() if hasattr(x, "full_tensor") else x  # noqa: E731
+    out = {}
+    for round_ in range(2):  # and again after the training weights change (an optimizer step)
+        received = engine.to_generation()
+        gen = dict(engine.model.named_parameters())
+        out[f"equal_{round_}"] = all(torch.equal(full(p.detach()), full(gen[n].detach()))
+                                     for n, p in train.named_parameters())
+        run = FullLogits(engine.model) if t_g > 1 else engine.model
+        out[f"tokens_{round_}"] = generate(run, torch.tensor([[1, 5, 9, 3]]), 6, temperature=0).numpy()
+        with torch.no_grad():
+            for p in train.parameters():  # elementwise: each shard moves as its part of the whole would
+                local = p.to_local() if hasattr(p, "to_local") else p
+                local.add_(0.01 * torch.sign(local))
+    from torch.distributed.tensor import DTensor, Shard
+
+    sharded = sum(p.numel() * p.element_size() for p in train.parameters()  # full sizes of the TP-sharded ones
+                  if isinstance(p, DTensor) and any(isinstance(x, Shard) for x in p.placements))
+    out["received"], out["sharded_bytes"] = received, sharded
+    out["rank"] = dist.get_rank()
+    engine.release()
+    return out
+
+
+def reference_tokens() -> list:
+    model = tp_model(None)
+    tokens = [generate(model, torch.tensor([[1, 5, 9, 3]]), 6, temperature=0).numpy()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.sign(p))
+    return tokens + [generate(model, torch.tensor([[1, 5, 9, 3]]), 6, temperature=0).numpy()]
+
+
+@pytest.mark.parametrize("t, d, t_g", [(2, 2, 1), (4, 1, 2), (2, 1, 1)], ids=["tp2dp2-to-tp1", "tp4-to-tp2", "tp2-to-tp1"])
+def test_generation_weights_and_greedy_tokens_equal_one_process(t, d, t_g):
+    ref = reference_tokens()
+    for out in run_ranks(t * d, transition, t, d, t_g):
+        assert out["equal_0"] and out["equal_1"], out["rank"]
+        for round_ in (0, 1):
+            assert (out[f"tokens_{round_}"] == ref[round_]).all(), (out["rank"], round_)
+        # the bytes a rank received: HybridFlow's (t − t_g)/(t_g·t)·M over the tensor-sharded weights
+        lay = HybridLayout(p=1, t=t, d=d, t_g=t_g)
+        assert out["received"] == pytest.approx(hybrid_transition_bytes(lay, out["sharded_bytes"]))
