@@ -50,6 +50,7 @@ class Contract:
     dispatch: Mode
     collect: Mode
     blocking: bool = True
+    mesh: str = "train"  # whose WorkerInfos split and gather it: "train", or "generation" (3D-HybridEngine)
 
 
 def _mode(value: Union[Mode, str], what: str) -> Mode:
@@ -61,16 +62,17 @@ def _mode(value: Union[Mode, str], what: str) -> Mode:
 
 
 def register(mode: Union[Mode, str, None] = None, *, dispatch: Union[Mode, str, None] = None,
-             collect: Union[Mode, str, None] = None, blocking: bool = True) -> Callable:
+             collect: Union[Mode, str, None] = None, blocking: bool = True, mesh: str = "train") -> Callable:
     """Decorator storing a `Contract` on a worker method: `@register(Mode.DP)` (one mode for
-    both directions) or `@register(dispatch="dp", collect="rank_zero")`. The method itself is
+    both directions) or `@register(dispatch="dp", collect="rank_zero")`; `mesh="generation"` splits
+    by the workers' generation layout (each reports one WorkerInfo per mesh). The method itself is
     unchanged: called on a worker it runs locally."""
     if mode is not None and (dispatch is not None or collect is not None):
         raise ValueError("give one mode, or dispatch= and collect=, not both")
     d, c = (mode, mode) if mode is not None else (dispatch, collect)
     if d is None or c is None:
         raise ValueError("register needs a mode, or both dispatch= and collect=")
-    contract = Contract(_mode(d, "dispatch"), _mode(c, "collect"), blocking)
+    contract = Contract(_mode(d, "dispatch"), _mode(c, "collect"), blocking, mesh)
 
     def mark(fn: Callable) -> Callable:
         setattr(fn, CONTRACT_ATTR, contract)

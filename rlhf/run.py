@@ -85,7 +85,7 @@ def start_groups(cfg: PlaitConfig, o: RLHFOptions, roles: list[str], vocab) -> d
         for group in groups.values():  # on Ray, the models build in parallel
             group.pending_start = group.init_model.future()
         for group in groups.values():
-            group.infos = list(group.pending_start.result())
+            group.started(group.pending_start.result())
     except BaseException:
         close_groups(groups)
         raise

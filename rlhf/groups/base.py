@@ -39,7 +39,7 @@ class BoundMethod:
     def future(self, data: Any = None) -> Pending:
         if isinstance(data, Pending):
             data = data.result()
-        infos = self.group.infos or [WorkerInfo(r, 0, 1, r == 0) for r in range(self.group.world_size)]
+        infos = self.group.infos_for(self.contract.mesh)
         call = dispatch(self.contract.dispatch, data, infos)
         return Pending(self.group.submit(self.name, call.inputs), self.contract, infos, call.pad)
 
@@ -53,7 +53,8 @@ class WorkerGroup:
 
     def __init__(self, role: str, worker_cls: type, world_size: int):
         self.role, self.worker_cls, self.world_size = role, worker_cls, world_size
-        self.infos: Optional[list[WorkerInfo]] = None
+        self.infos: Optional[list[WorkerInfo]] = None  # where each worker sits in the training mesh
+        self.mesh_infos: dict[str, list[WorkerInfo]] = {}  # ... and in every mesh it reports
         self._methods = registered_methods(worker_cls)
 
     def __getattr__(self, name: str) -> BoundMethod:
@@ -65,8 +66,19 @@ class WorkerGroup:
 
     def start(self) -> "WorkerGroup":
         """Build every worker's model; learn where each sits in the mesh."""
-        self.infos = list(self.init_model())
+        return self.started(self.init_model())
+
+    def started(self, reported: list) -> "WorkerGroup":
+        """Record what `init_model` returned on each worker: a WorkerInfo, or {mesh name: WorkerInfo}."""
+        per_rank = [r if isinstance(r, dict) else {"train": r} for r in reported]
+        self.mesh_infos = {name: [r[name] for r in per_rank] for name in per_rank[0]}
+        self.infos = self.mesh_infos["train"]
         return self
+
+    def infos_for(self, mesh: str) -> list[WorkerInfo]:
+        if self.infos is None:  # before init_model answered: every worker its own rank, rank 0 collects
+            return [WorkerInfo(r, 0, 1, r == 0) for r in range(self.world_size)]
+        return self.mesh_infos.get(mesh, self.infos)
 
     def submit(self, method: str, inputs: dict[int, Any]) -> Callable[[], dict[int, Any]]:
         raise NotImplementedError

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from rlhf.batch import Batch
-from rlhf.dispatch import Mode, register
+from rlhf.dispatch import Mode, WorkerInfo, register
 from rlhf.logprobs import teacher_forced
 from rlhf.losses import LossScale
 from rlhf.pipeline_decode import PipelineDecoder
@@ -30,6 +30,36 @@ def sampling_seed(seed: int, iteration: int, dp_rank: int, stream: int = 0) -> i
 class ActorWorker(Worker):
     """The policy π_θ."""
 
+    hybrid = None  # the 3D-HybridEngine's generation shards (task.rollout_tp), else None
+    generation_info = None
+
+    @register(Mode.ONE_TO_ALL)
+    def init_model(self, _=None):
+        info = super().init_model()
+        o = self.spec.options
+        if self.role != "actor" or not o.rollout_tp:
+            return info
+        from parallel.hybrid_engine import GenerationShards, HybridLayout, hybrid_groups
+
+        layout = self.spec.layout
+        lay = HybridLayout(p=1, t=layout.tp, d=layout.dp_replicate * layout.dp_shard, t_g=o.rollout_tp)
+        self.hybrid = GenerationShards(self.model, lay, self._generation_network, self.device)
+        groups = hybrid_groups(lay)
+        tp_rank = next(g.index(self.spec.rank) for g in groups.generation_tp if self.spec.rank in g)
+        self.generation_info = WorkerInfo(self.spec.rank, groups.generation_dp_rank[self.spec.rank],
+                                          lay.d * lay.micro_dp, tp_rank == 0)
+        return {"train": info, "generation": self.generation_info}
+
+    def _generation_network(self, tp_mesh):
+        from parallel.init import materialize
+        from parallel.tensor import apply_tp
+        from trainer.models import build_model
+
+        model = build_model(self.spec.model, device="meta")
+        if tp_mesh is not None:
+            apply_tp(model, tp_mesh)
+        return materialize(model, self.device, seed=self.spec.seed).requires_grad_(False)
+
     def load_initial_weights(self) -> None:
         if self.spec.options.init_from:
             self.load_model_component(self.spec.options.init_from)
@@ -51,19 +81,32 @@ class ActorWorker(Worker):
             return Batch()
         return Batch({key: torch.cat(lps), "entropy": torch.cat(ents)})
 
-    @register(Mode.DP)
+    @register(Mode.DP, mesh="generation")
     def generate(self, batch: Batch) -> Batch:
         """Sample one response per row of left-padded prompts (the driver repeats each prompt n times).
-        meta: iteration, greedy (ReMax's baseline: temperature 0)."""
+        meta: iteration, greedy (ReMax's baseline: temperature 0). Split by the generation layout's
+        data-parallel rank: with task.rollout_tp, the weights are resharded into it first (and the
+        generation copy released after)."""
         o = self.spec.options
         greedy = bool(batch.meta.get("greedy", False))
+        info = self.generation_info or self.info
         gen = torch.Generator(device=self.device)
-        gen.manual_seed(sampling_seed(self.spec.seed, int(batch.meta["iteration"]), self.info.dp_rank, int(greedy)))
+        gen.manual_seed(sampling_seed(self.spec.seed, int(batch.meta["iteration"]), info.dp_rank, int(greedy)))
         self.set_train(False)
+        if self.hybrid is not None:
+            self.hybrid.to_generation()
+            try:
+                return self._sample(self.hybrid.model, None, batch, gen, greedy)
+            finally:
+                self.hybrid.release()
         decoder = None
         if self.pipeline is not None:
             decoder = PipelineDecoder.factory(self.pipeline, self.mesh["pp"].get_group(), self.spec.model, self.device)
-        out = sample(self.model, batch["prompts"].to(self.device), o.max_new_tokens,
+        return self._sample(self.model, decoder, batch, gen, greedy)
+
+    def _sample(self, model, decoder, batch: Batch, gen: torch.Generator, greedy: bool) -> Batch:
+        o = self.spec.options
+        out = sample(model, batch["prompts"].to(self.device), o.max_new_tokens,
                      attention_mask=batch["prompt_mask"].to(self.device), temperature=0.0 if greedy else o.temperature,
                      top_k=o.top_k or None, top_p=o.top_p, eos_id=self.spec.eos_id, pad_id=self.spec.pad_id,
                      generator=gen, decoder=decoder, device=self.device)

@@ -1,0 +1,82 @@
+"""task.rollout_tp (the 3D-HybridEngine in the actor): the actor trains under tp and generates
+under rollout_tp with tp/rollout_tp times the data parallelism; the generation layout's dispatch
+splits prompts by its dp rank and gathers back in order; greedy tokens equal one process."""
+
+import os
+
+import numpy as np
+import pytest
+
+from rlhf.batch import Batch
+from rlhf.config import RLHFOptions
+from rlhf.data.prompts import build_vocabulary, prompt_batch
+from rlhf.dispatch import collect, dispatch
+from rlhf.workers import ActorWorker
+from rlhf.workers.base import WorkerSpec
+from rlhf_harness import metrics, ray_session, rlhf_config, run_in_process  # noqa: F401 (fixture)
+from trainer.config import ModelConfig, OptimConfig, ParallelConfig
+from trainer.launch.forked import run_ranks
+
+MODEL = ModelConfig(name="llama_hybrid_actor", vocab_size=32, dim=32, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=64,
+                    max_seq_len=32, init_std=0.2)
+PROMPTS = ("1+2=", "33+4=", "5=", "12+34=", "9+9=", "40+2=")
+
+
+def prompts() -> Batch:
+    vocab = build_vocabulary(RLHFOptions().prompts)
+    b = prompt_batch([{"prompt": p, "answer": ""} for p in PROMPTS], vocab)
+    return Batch(b.select("prompts", "prompt_mask").tensors, meta={"iteration": 2, "greedy": True})
+
+
+def generate_as_the_group_would(tp: int, rollout_tp: int) -> dict:
+    """Every rank builds the actor; each generates the chunk the generation-mesh dispatch gives it."""
+    world = tp
+    spec = WorkerSpec(role="actor", rank=int(os.environ.get("RANK", 0)), world_size=world, model=MODEL,
+                      layout=ParallelConfig(tp=tp), optim=OptimConfig(), seed=7, device="cpu",
+                      options=RLHFOptions(max_new_tokens=5, rollout_tp=rollout_tp),
+                      master_port=int(os.environ.get("MASTER_PORT", 0)))
+    actor = ActorWorker(spec)
+    reported = actor.init_model()
+    infos = reported["generation"] if isinstance(reported, dict) else reported
+    import torch.distributed as dist
+
+    gathered = [None] * world
+    dist.all_gather_object(gathered, infos)  # what the driver learns from init_model
+    call = dispatch("dp", prompts(), gathered)
+    mine = actor.generate(call.inputs[spec.rank])
+    outs = [None] * world
+    dist.all_gather_object(outs, mine.select("responses"))
+    return {"responses": collect("dp", dict(enumerate(outs)), gathered, pad=call.pad)["responses"].numpy(),
+            "dp_size": gathered[0].dp_size, "bytes": actor.hybrid.bytes_received}
+
+
+def one_process() -> np.ndarray:
+    spec = WorkerSpec(role="actor", rank=0, world_size=1, model=MODEL, layout=ParallelConfig(), optim=OptimConfig(),
+                      options=RLHFOptions(max_new_tokens=5), seed=7, device="cpu")
+    actor = ActorWorker(spec)
+    actor.init_model()
+    return actor.generate(prompts())["responses"].numpy()
+
+
+@pytest.mark.parametrize("tp, rollout_tp", [(2, 1), (4, 2), (4, 1)])
+def test_generation_layout_tokens_equal_one_process(tp, rollout_tp):
+    ref = one_process()
+    for out in run_ranks(tp, generate_as_the_group_would, tp, rollout_tp, init_pg=False):
+        assert out["dp_size"] == tp // rollout_tp  # d_g = t / t_g generation replicas
+        np.testing.assert_array_equal(out["responses"], ref)
+        assert out["bytes"] > 0
+
+
+@pytest.mark.slow
+def test_grpo_with_the_hybrid_engine_on_ray(tmp_path, ray_session):
+    result = run_in_process(rlhf_config(tmp_path, "task.algorithm=grpo", "task.iterations=2", "task.actor.tp=2",
+                                        "task.rollout_tp=1"))
+    rows = metrics(tmp_path)
+    assert result["iterations"] == 2 and rows[2]["logprob_mismatch_max"] < 1e-4
+
+
+def test_rollout_tp_that_does_not_divide_is_refused(tmp_path):
+    from trainer.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="task.rollout_tp=3 must divide task.actor.tp=2"):
+        rlhf_config(tmp_path, "task.actor.tp=2", "task.rollout_tp=3")
