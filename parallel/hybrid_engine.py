@@ -134,10 +134,15 @@ class GenerationShards:
     `build(mesh)` must make the generation network (its TP plan applied over the 1-D `mesh`, or a
     plain module when tp_g = 1) on this rank's device. Every rank of the default group constructs
     this together (it creates the groups). `to_generation()` copies the current training weights in
-    and returns the bytes this rank received; `release()` frees the generation weights' storage."""
+    and returns the bytes this rank received; `release()` frees the generation weights' storage.
+
+    `resident=True` is the paper's zero redundancy: at the first transition every training shard
+    moves INTO its slot of the generation buffer (the training parameter becomes a view of it;
+    replicated weights are shared), so the extra memory is M/t_g − M/t for good, later transitions
+    gather only the other members' slots, and going back to training costs nothing."""
 
     def __init__(self, train_model: nn.Module, lay: HybridLayout, build: Callable[[Optional[DeviceMesh]], nn.Module],
-                 device: torch.device):
+                 device: torch.device, resident: bool = False):
         if lay.p != 1 or lay.p_g != 1:
             raise ValueError("GenerationShards handles tensor-parallel training layouts (pp = 1)")
         self.train_model, self.lay, self.device = train_model, lay, device
@@ -154,12 +159,15 @@ class GenerationShards:
             mesh = DeviceMesh(device.type, arrangement, mesh_dim_names=("dp", "tp"))["tp"]
         self.model = build(mesh)
         self.bytes_received = 0
+        self.resident, self._aliased = resident, False
+        self.rank = rank
 
     @torch.no_grad()
     def to_generation(self) -> int:
         """Training weights → generation weights; the bytes this rank received."""
         received = 0
         gen = dict(self.model.named_parameters())
+        me = self.micro_ranks.index(self.rank)
         for name, param in self.train_model.named_parameters():
             target = _local(gen[name])
             if target.untyped_storage().size() == 0:  # released earlier: allocate again
@@ -167,18 +175,34 @@ class GenerationShards:
             local = _local(param.detach())
             dim = _shard_dim(param)
             if dim is None or self.lay.micro_dp == 1:
-                target.copy_(local)
+                if self.resident and not self._aliased and not isinstance(gen[name], DTensor):
+                    gen[name].data = local  # one copy, shared by both layouts
+                elif target.data_ptr() != local.data_ptr():
+                    target.copy_(local)
                 continue
+            n = local.shape[dim]
+            if self.resident and not self._aliased:  # the training shard moves into its generation slot
+                slot = target.narrow(dim, me * n, n)
+                slot.copy_(local)
+                # the DTensor parameter now reads and writes its slot (a private field, pinned by
+                # tests/parallel/test_hybrid_engine.py: training steps land in the generation buffer)
+                param._local_tensor = slot
+                local = slot
             parts = [torch.empty_like(local) for _ in self.micro_ranks]
             dist.all_gather(parts, local.contiguous(), group=self.micro_group)
-            target.copy_(torch.cat(parts, dim=dim))
+            for j, part in enumerate(parts):
+                if j != me or not self.resident:
+                    target.narrow(dim, j * n, n).copy_(part)
             received += local.numel() * local.element_size() * (len(self.micro_ranks) - 1)
+        self._aliased = self._aliased or self.resident
         self.bytes_received = received
         return received
 
     def release(self) -> None:
         """Free the generation weights (their storage; the parameters stay, empty, until the next
-        `to_generation`)."""
+        `to_generation`). Resident shards hold the training weights: nothing is freed."""
+        if self.resident:
+            return
         for p in self.model.parameters():
             _local(p.data).untyped_storage().resize_(0)
 

@@ -112,3 +112,57 @@ def test_generation_weights_and_greedy_tokens_equal_one_process(t, d, t_g):
         # the bytes a rank received: HybridFlow's (t − t_g)/(t_g·t)·M over the tensor-sharded weights
         lay = HybridLayout(p=1, t=t, d=d, t_g=t_g)
         assert out["received"] == pytest.approx(hybrid_transition_bytes(lay, out["sharded_bytes"]))
+
+
+def resident_transition(t: int, t_g: int) -> dict:
+    """Zero redundancy: the training shards live inside the generation buffers; training still
+    trains (forward, backward, AdamW) and the next transition sees its update."""
+    from parallel.mesh import ParallelDims, build_mesh
+    from parallel.tensor import tp_loss_context
+    from trainer.models.loss import cross_entropy_loss
+
+    lay = HybridLayout(p=1, t=t, d=1, t_g=t_g)
+    mesh = build_mesh(ParallelDims(tp=t), "cpu")
+    train = tp_model(mesh["tp"])
+    local = lambda x: x.to_local() if hasattr(x, "to_local") else x  # noqa: E731
+    full = lambda x: x.full_tensor() if hasattr(x, "full_tensor") else x  # noqa: E731
+    train_bytes = sum(local(p).numel() * local(p).element_size() for p in train.parameters())
+    engine = GenerationShards(train, lay, tp_model, torch.device("cpu"), resident=True)
+    engine.to_generation()
+    storages = {}
+    for p in [*train.parameters(), *engine.model.parameters()]:
+        st = local(p.detach()).untyped_storage()
+        storages[st.data_ptr()] = st.nbytes()
+    out = {"resident_bytes": sum(storages.values()), "generation_bytes": engine.generation_bytes(),
+           "train_bytes": train_bytes}
+    optimizer = torch.optim.AdamW(train.parameters(), lr=1e-2)
+    tokens = torch.randint(0, CFG.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    with tp_loss_context(True):
+        cross_entropy_loss(train(tokens[:, :-1]), tokens[:, 1:]).backward()
+    optimizer.step()
+    engine.to_generation()
+    gen = dict(engine.model.named_parameters())
+    out["equal_after_step"] = all(torch.equal(full(p.detach()), full(gen[n].detach())) for n, p in train.named_parameters())
+    out["tokens"] = generate(FullLogits(engine.model) if t_g > 1 else engine.model, torch.tensor([[1, 5, 9, 3]]), 6,
+                             temperature=0).numpy()
+    full_after = {n: full(p.detach()).clone() for n, p in train.named_parameters()}
+    return {**out, "weights": {n: v.numpy() for n, v in full_after.items()}}
+
+
+@pytest.mark.parametrize("t, t_g", [(4, 2), (2, 1)], ids=["tp4-to-tp2", "tp2-to-tp1"])
+def test_resident_shards_have_no_redundant_copy_and_keep_training(t, t_g):
+    outs = run_ranks(t, resident_transition, t, t_g)
+    for out in outs:
+        assert out["equal_after_step"]
+        # one copy of everything: the generation shard, which holds the training shard
+        assert out["resident_bytes"] == out["generation_bytes"]
+        assert out["resident_bytes"] - out["train_bytes"] <= hybrid_peak_extra_bytes(
+            HybridLayout(p=1, t=t, d=1, t_g=t_g), sum(v.nbytes for v in out["weights"].values()))
+    # the stepped weights generate as one process with those weights would
+    model = tp_model(None)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(torch.from_numpy(outs[0]["weights"][n]))
+    ref = generate(model, torch.tensor([[1, 5, 9, 3]]), 6, temperature=0).numpy()
+    for out in outs:
+        assert (out["tokens"] == ref).all()
