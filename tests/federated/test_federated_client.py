@@ -116,7 +116,7 @@ def test_partitions_are_flwr_datasets_splits_with_label_skew():
 
 @pytest.mark.slow
 def test_merged_model_exports_to_hugging_face(tmp_path):
-    from test_server import config, run_local
+    from test_federated_server import config, run_local
 
     run_local(config(tmp_path / "run", rounds=1))
     out = subprocess.run([str(Path(sys.executable).with_name("plait-ckpt")), "export",
@@ -128,7 +128,7 @@ def test_merged_model_exports_to_hugging_face(tmp_path):
     hf = LlamaForCausalLM.from_pretrained(str(tmp_path / "hf"))
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["hidden_size"] == 32
     # the exported weights are W0 + the running base delta + Σ_k p_k s_k B_k A_k of the server's state
-    from test_server import server_state
+    from test_federated_server import server_state
 
     st = server_state(tmp_path / "run", tmp_path, 1)["server"]
     w0 = fm.base_weights(MC, 0)
