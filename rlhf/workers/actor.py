@@ -43,7 +43,7 @@ class ActorWorker(Worker):
 
         layout = self.spec.layout
         lay = HybridLayout(p=1, t=layout.tp, d=layout.dp_replicate * layout.dp_shard, t_g=o.rollout_tp)
-        self.hybrid = GenerationShards(self.model, lay, self._generation_network, self.device)
+        self.hybrid = GenerationShards(self.model, lay, self._generation_network, self.device, resident=True)
         groups = hybrid_groups(lay)
         tp_rank = next(g.index(self.spec.rank) for g in groups.generation_tp if self.spec.rank in g)
         self.generation_info = WorkerInfo(self.spec.rank, groups.generation_dp_rank[self.spec.rank],

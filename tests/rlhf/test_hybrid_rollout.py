@@ -69,10 +69,11 @@ def test_generation_layout_tokens_equal_one_process(tp, rollout_tp):
 
 @pytest.mark.slow
 def test_grpo_with_the_hybrid_engine_on_ray(tmp_path, ray_session):
-    result = run_in_process(rlhf_config(tmp_path, "task.algorithm=grpo", "task.iterations=2", "task.actor.tp=2",
-                                        "task.rollout_tp=1"))
-    rows = metrics(tmp_path)
-    assert result["iterations"] == 2 and rows[2]["logprob_mismatch_max"] < 1e-4
+    common = ["task.algorithm=grpo", "task.actor.tp=2", "task.rollout_tp=1", "checkpoint.every=1"]
+    run_in_process(rlhf_config(tmp_path, *common, "task.iterations=2"))
+    result = run_in_process(rlhf_config(tmp_path, *common, "task.iterations=3", "checkpoint.resume=latest"))
+    rows = metrics(tmp_path)  # resumed into the resident (aliased) training shards
+    assert result["iterations"] == 3 and all(rows[i]["logprob_mismatch_max"] < 1e-4 for i in (1, 2, 3))
 
 
 def test_rollout_tp_that_does_not_divide_is_refused(tmp_path):
