@@ -47,6 +47,8 @@ class PromptData:
 class RLHFOptions(TaskOptions):
     algorithm: str = choice("grpo", *ALGORITHMS[1:])
     backend: str = choice("ray", "local")  # local: every role in the driver process, world size 1 (a debugger works)
+    # ray: each role on its own resource pool (split), or every role in one set of processes (colocate)
+    placement: str = choice("split", "colocate")
     init_from: str = ""  # an SFT or pretrain checkpoint (step dir or run's checkpoint dir); "" = random init
     critic_init_from: str = ""  # the critic's trunk (e.g. a task=rm checkpoint); "" = the actor's init_from
     reward_model_from: str = ""  # a task=rm checkpoint: score with a reward-model worker instead of `reward`

@@ -75,13 +75,20 @@ def start_groups(cfg: PlaitConfig, o: RLHFOptions, roles: list[str], vocab) -> d
             for role in roles:
                 groups[role] = LocalWorkerGroup(role, WORKER_CLASSES[role], role_spec(cfg, o, role, vocab))
         else:
-            from rlhf.groups.ray_group import RayWorkerGroup, worker_resources
+            from rlhf.groups.ray_group import RayPool, RayWorkerGroup, worker_resources
 
             specs = {role: role_spec(cfg, o, role, vocab) for role in roles}
-            cpus, gpus = worker_resources(cfg.device, sum(s.world_size for s in specs.values()))
-            for role in roles:
-                groups[role] = RayWorkerGroup(role, WORKER_CLASSES[role], specs[role], num_cpus=cpus,
-                                              num_gpus=gpus, timeout=o.worker_timeout)
+            colocate = o.placement == "colocate"
+            processes = specs["actor"].world_size if colocate else sum(s.world_size for s in specs.values())
+            cpus, gpus = worker_resources(cfg.device, processes)
+            pool = RayPool(processes, cpus, gpus, o.worker_timeout, name="colocated") if colocate else None
+            try:
+                for role in roles:
+                    groups[role] = RayWorkerGroup(role, WORKER_CLASSES[role], specs[role], num_cpus=cpus,
+                                                  num_gpus=gpus, timeout=o.worker_timeout, pool=pool)
+            finally:
+                if pool is not None and not pool.roles:
+                    pool.close()
         for group in groups.values():  # on Ray, the models build in parallel
             group.pending_start = group.init_model.future()
         for group in groups.values():

@@ -78,7 +78,12 @@ def check_rlhf(cfg: PlaitConfig, launcher_world: Optional[int]) -> int:
         if wide:
             raise ConfigError(f"task.backend=local runs one worker per role, but task.{wide[0]} asks for "
                               f"{layout_dims(getattr(o, wide[0])).world_size}; use task.backend=ray")
-    elif importlib.util.find_spec("ray") is None:
+    elif o.placement == "colocate":
+        sizes = {r: layout_dims(getattr(o, r)).world_size for r in roles}
+        if len(set(sizes.values())) > 1:
+            raise ConfigError("task.placement=colocate runs every role in one set of processes, so every role "
+                              "needs as many: " + ", ".join(f"task.{r}: {n}" for r, n in sizes.items()))
+    if o.backend == "ray" and importlib.util.find_spec("ray") is None:
         raise ConfigError("task.backend=ray needs Ray: pip install 'plait[rlhf]' (or task.backend=local)")
     derive_sizes(o, {r: layout_dims(getattr(o, r)).dp for r in roles if r in ("actor", "critic")})
     if o.rollout_tp:

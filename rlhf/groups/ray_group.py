@@ -35,10 +35,11 @@ def ensure_ray(address: str = "", num_cpus: Optional[int] = None) -> bool:
 
 
 class WorkerHost:
-    """What runs inside each Ray actor: it holds one worker and calls its methods."""
+    """What runs inside each Ray actor: one worker per role it hosts (several when colocated: they
+    share this process, its device and its process group), and calls their methods."""
 
     def __init__(self):
-        self.worker = None
+        self.workers: dict[str, Any] = {}
 
     def address(self) -> tuple[str, int, int]:
         """(ip, a free port, pid): where this rank-0 host's process group will listen."""
@@ -49,44 +50,75 @@ class WorkerHost:
             port = s.getsockname()[1]
         return ray.util.get_node_ip_address(), port, os.getpid()
 
-    def setup(self, worker_cls: type, spec: WorkerSpec) -> int:
-        self.worker = worker_cls(spec)
+    def setup(self, role: str, worker_cls: type, spec: WorkerSpec) -> int:
+        self.workers[role] = worker_cls(spec)
         return os.getpid()
 
-    def call(self, method: str, data: Any) -> Any:
+    def call(self, role: str, method: str, data: Any) -> Any:
         try:
-            return getattr(self.worker, method)(data)
+            return getattr(self.workers[role], method)(data)
         except BaseException as err:  # the traceback as the worker saw it travels with the error
             err.worker_traceback = traceback.format_exc()
             raise
 
 
-class RayWorkerGroup(WorkerGroup):
-    """`world_size` actors of `worker_cls` on one placement group (CPU bundles here, GPUs on clusters)."""
+class RayPool:
+    """A resource pool: one placement group of `size` bundles and a WorkerHost actor on each, with
+    the address rank 0 listens on. A role's group runs on a pool of its own (split placement) or
+    shares one with other roles (colocated, HybridFlow's default)."""
 
-    def __init__(self, role: str, worker_cls: type, spec: WorkerSpec, num_cpus: float = 1.0, num_gpus: float = 0.0,
-                 timeout: float = 600.0):
+    def __init__(self, size: int, num_cpus: float = 1.0, num_gpus: float = 0.0, timeout: float = 600.0,
+                 name: str = "pool"):
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        super().__init__(role, worker_cls, spec.world_size)
-        self.timeout = timeout
+        self.size, self.timeout, self.name = size, timeout, name
         bundle = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {})}
-        self.pg = placement_group([bundle] * spec.world_size, strategy="PACK")
+        self.pg = placement_group([bundle] * size, strategy="PACK")
         try:
             ray.get(self.pg.ready(), timeout=timeout)
         except ray.exceptions.GetTimeoutError:
             ray.util.remove_placement_group(self.pg)
-            raise WorkerFailure(role, 0, "placement", f"no room for {spec.world_size} workers of {bundle} within "
+            self.pg = None
+            raise WorkerFailure(name, 0, "placement", f"no room for {size} workers of {bundle} within "
                                 f"{timeout:.0f}s: the cluster has {ray.available_resources()}") from None
         host = ray.remote(WorkerHost)
-        self.actors = [host.options(num_cpus=num_cpus, num_gpus=num_gpus, name=None,
-                                    scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r)).remote()
-                       for r in range(spec.world_size)]
-        ip, port, _ = self._get(self.actors[0].address.remote(), 0, "address")
+        self.actors = [host.options(num_cpus=num_cpus, num_gpus=num_gpus,
+                                    scheduling_strategy=PlacementGroupSchedulingStrategy(
+                                        self.pg, placement_group_bundle_index=r)).remote()
+                       for r in range(size)]
+        self.address = ray.get(self.actors[0].address.remote(), timeout=timeout)[:2]
+        self.roles: list[str] = []
+
+    def close(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        self.actors = []
+        if self.pg is not None:
+            ray.util.remove_placement_group(self.pg)
+            self.pg = None
+
+
+class RayWorkerGroup(WorkerGroup):
+    """A role's workers on a `RayPool` (its own unless `pool=` is shared with colocated roles, which
+    then take the pool's size as their world size and its process group as theirs)."""
+
+    def __init__(self, role: str, worker_cls: type, spec: WorkerSpec, num_cpus: float = 1.0, num_gpus: float = 0.0,
+                 timeout: float = 600.0, pool: Optional[RayPool] = None):
+        super().__init__(role, worker_cls, spec.world_size)
+        self.timeout = timeout
+        self.owns_pool = pool is None
+        self.pool = pool or RayPool(spec.world_size, num_cpus, num_gpus, timeout, name=role)
+        if self.pool.size != spec.world_size:
+            raise ValueError(f"the {role} workers need {spec.world_size} processes but the pool has {self.pool.size}")
+        self.pool.roles.append(role)
+        self.actors = self.pool.actors
+        ip, port = self.pool.address
         specs = [replace(spec, rank=r, master_addr=ip, master_port=port) for r in range(spec.world_size)]
-        self.pids = [self._get(a.setup.remote(worker_cls, s), r, "setup")
+        self.pids = [self._get(a.setup.remote(role, worker_cls, s), r, "setup")
                      for r, (a, s) in enumerate(zip(self.actors, specs))]
 
     def _get(self, ref, rank: int, method: str):
@@ -106,7 +138,7 @@ class RayWorkerGroup(WorkerGroup):
     def submit(self, method: str, inputs: dict[int, Any]) -> Callable[[], dict[int, Any]]:
         import ray
 
-        refs = {rank: self.actors[rank].call.remote(method, x) for rank, x in inputs.items()}
+        refs = {rank: self.actors[rank].call.remote(self.role, method, x) for rank, x in inputs.items()}
 
         def wait() -> dict[int, Any]:
             # results as they finish: the first worker that raised is reported at once, while its
@@ -124,14 +156,15 @@ class RayWorkerGroup(WorkerGroup):
         return wait
 
     def close(self) -> None:
-        import ray
-
-        for actor in getattr(self, "actors", []):
-            ray.kill(actor, no_restart=True)
-        self.actors = []
-        if getattr(self, "pg", None) is not None:
-            ray.util.remove_placement_group(self.pg)
-            self.pg = None
+        """Stop the workers: the pool goes with its last role (colocated roles share it)."""
+        pool = getattr(self, "pool", None)
+        if pool is None:
+            return
+        if self.role in pool.roles:
+            pool.roles.remove(self.role)
+        if self.owns_pool or not pool.roles:
+            pool.close()
+        self.pool, self.actors = None, []
 
 
 def _worker_traceback(err) -> str:

@@ -78,7 +78,12 @@ class Worker:
     def _init_group(self) -> None:
         s = self.spec
         torch.set_num_threads(s.options.threads)
-        if s.world_size > 1:
+        if s.world_size > 1 and dist.is_initialized():  # a colocated role: this process's group is its group
+            if dist.get_world_size() != s.world_size:
+                raise ValueError(f"the {s.role} workers need {s.world_size} processes; the colocated group has "
+                                 f"{dist.get_world_size()}")
+            self.device = pick_device(s.device, 0 if torch.cuda.is_available() else s.rank)
+        elif s.world_size > 1:
             os.environ.setdefault("LOCAL_WORLD_SIZE", str(s.world_size))
             env = init_distributed(s.rank, s.world_size, master_addr=s.master_addr, master_port=s.master_port,
                                    device=s.device, local_rank=0 if torch.cuda.is_available() else s.rank)
