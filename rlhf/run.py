@@ -171,6 +171,7 @@ def run(cfg: PlaitConfig, env: DistEnv) -> dict:
         start = time.perf_counter()
         groups = start_groups(cfg, o, roles, vocab)
         log.text(f"workers ready in {time.perf_counter() - start:.1f}s")
+        log.text(resident_line(groups))
         kl_ctrl = KL_CONTROLLERS.get(o.kl_ctrl)(*((o.kl_coef, o.kl_target, o.kl_horizon) if o.kl_ctrl == "adaptive"
                                                   else (o.kl_coef,)))
         driver = RLHFDriver(o, groups, vocab, loader, heldout, None if o.reward_model_from else resolve_reward(o.reward),
@@ -213,6 +214,16 @@ def run(cfg: PlaitConfig, env: DistEnv) -> dict:
     return result
 
 
+def resident_line(groups: dict[str, WorkerGroup]) -> str:
+    """Each role's largest per-rank parameter, gradient and optimizer-state bytes."""
+    parts = []
+    for role, g in groups.items():
+        sizes = g.resident_bytes()
+        parts.append(f"{role} " + ", ".join(f"{k} {max(r[k] for r in sizes) / 2**20:.2f} MiB"
+                                            for k in ("params", "grads", "optimizer")))
+    return "resident per rank: " + "; ".join(parts)
+
+
 def iterate(o: RLHFOptions, driver: RLHFDriver, progress: Progress, boundary: StepBoundary,
             log: MetricLogger) -> list[dict]:
     """Iterations until `task.iterations`, with held-out evaluations and the step boundary."""
@@ -237,5 +248,7 @@ def iterate(o: RLHFOptions, driver: RLHFDriver, progress: Progress, boundary: St
             log.bar.set_postfix({k: f"{metrics[k]:.3g}" for k in SHOWN[:3] if k in metrics}, refresh=False)
         else:
             log.text(f"iteration {it:>4}  {shown}")
+        if it == 1 or it == o.iterations:  # optimizer state exists after the first update
+            log.text(resident_line(driver.groups))
         boundary(it)
     return history

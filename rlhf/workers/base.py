@@ -229,6 +229,20 @@ class Worker:
         ckpt.load(Path(path), self.components(), role=self.role)
 
     @register(Mode.ONE_TO_ALL)
+    def resident_bytes(self, _: Any = None) -> dict[str, int]:
+        """What this rank holds for its role: parameter, gradient and optimizer-state bytes (its shards)."""
+        def nbytes(t) -> int:
+            t = t.to_local() if hasattr(t, "to_local") else t
+            return t.numel() * t.element_size()
+
+        params = [p for part in self.parts for p in part.parameters()] if self.engine is None \
+            else list(self.engine.parameters())
+        state = self.optimizer.state.values() if self.optimizer is not None else []
+        return {"params": sum(nbytes(p) for p in params),
+                "grads": sum(nbytes(p.grad) for p in params if p.grad is not None),
+                "optimizer": sum(nbytes(v) for st in state for v in st.values() if torch.is_tensor(v))}
+
+    @register(Mode.ONE_TO_ALL)
     def shutdown(self, _: Any = None) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
