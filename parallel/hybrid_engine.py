@@ -143,8 +143,9 @@ class GenerationShards:
 
     def __init__(self, train_model: nn.Module, lay: HybridLayout, build: Callable[[Optional[DeviceMesh]], nn.Module],
                  device: torch.device, resident: bool = False):
-        if lay.p != 1 or lay.p_g != 1:
-            raise ValueError("GenerationShards handles tensor-parallel training layouts (pp = 1)")
+        if lay.p_g != 1 or (lay.p != 1 and type(self) is GenerationShards):
+            raise ValueError("GenerationShards handles tensor-parallel training layouts (pp = 1); "
+                             "StagedGenerationShards pipeline-parallel ones (pp_gen = 1)")
         self.train_model, self.lay, self.device = train_model, lay, device
         self.groups = hybrid_groups(lay)
         rank = dist.get_rank() if dist.is_initialized() else 0
@@ -208,3 +209,73 @@ class GenerationShards:
 
     def generation_bytes(self) -> int:
         return sum(_local(p).numel() * _local(p).element_size() for p in self.model.parameters())
+
+
+class StagedGenerationShards(GenerationShards):
+    """The transition from a pipeline × tensor-parallel training layout (pp = p, tp = t) to
+    generation without stages (pp_g = 1) under tp_g: a micro-DP group spans every stage (and t/t_g
+    tensor ranks of each), so each rank receives the layers of the other stages at its generation
+    tensor shard, piece by piece from the ranks that hold them (one broadcast per piece inside the
+    group). `owner(name)` is the pipeline rank holding a parameter; `train_model` holds this
+    rank's chunks under the whole model's parameter names (parallelize's ChunksView)."""
+
+    def __init__(self, train_model: nn.Module, lay: HybridLayout, build: Callable[[Optional[DeviceMesh]], nn.Module],
+                 device: torch.device, owner: Callable[[str], int]):
+        super().__init__(train_model, lay, build, device, resident=False)
+        self.owner = owner
+        dims = {n: _shard_dim(p) for n, p in train_model.named_parameters()}
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, dims)  # the shard dimension of every weight, held anywhere
+        self.shard_dims: dict[str, Optional[int]] = {}
+        for d in everyone:
+            self.shard_dims.update(d)
+
+    @torch.no_grad()
+    def to_generation(self) -> int:
+        received = 0
+        mine = dict(self.train_model.named_parameters())
+        r = self.lay.t // self.lay.t_g
+        for name, gen_param in self.model.named_parameters():
+            target = _local(gen_param)
+            if target.untyped_storage().size() == 0:
+                target.untyped_storage().resize_(target.numel() * target.element_size())
+            stage = self.owner(name)
+            holders = [m for m in self.micro_ranks if coords(m, self.lay)[0] == stage]  # tp order (ranks ascend)
+            dim = self.shard_dims[name]
+            pieces = holders if dim is not None else holders[:1]  # replicated over tp: one piece is all of it
+            if dim is not None and len(pieces) != r:
+                raise RuntimeError(f"{name}: {len(pieces)} holders in the micro-DP group, expected {r}")
+            shape = list(target.shape)
+            if dim is not None:
+                shape[dim] //= len(pieces)
+            parts = []
+            for src in pieces:
+                if src == self.rank:
+                    piece = _local(mine[name].detach()).contiguous()
+                else:
+                    piece = torch.empty(shape, dtype=target.dtype, device=target.device)
+                    received += piece.numel() * piece.element_size()
+                if len(self.micro_ranks) > 1:
+                    dist.broadcast(piece, src=src, group=self.micro_group)
+                parts.append(piece)
+            target.copy_(torch.cat(parts, dim=dim) if dim is not None else parts[0])
+        self.bytes_received = received
+        return received
+
+
+def pipeline_owner(n_layers: int, pp: int, virtual_stages: int) -> Callable[[str], int]:
+    """The pipeline rank holding a Llama parameter: blocks by parallel/pipeline.py's layer split
+    (chunk c on rank c mod pp), the embedding on the first chunk, the final norm and output on the last."""
+    from parallel.pipeline import layer_split
+
+    chunks = pp * virtual_stages
+    chunk_of = {i: c for c, layers in enumerate(layer_split(n_layers, chunks)) for i in layers}
+
+    def owner(name: str) -> int:
+        head = name.split(".")
+        if head[0] == "layers":
+            return chunk_of[int(head[1])] % pp
+        if head[0] == "tok_embeddings":
+            return 0
+        return (chunks - 1) % pp
+    return owner

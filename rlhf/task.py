@@ -90,9 +90,9 @@ def check_rlhf(cfg: PlaitConfig, launcher_world: Optional[int]) -> int:
         a = o.actor
         if a.tp % o.rollout_tp:
             raise ConfigError(f"task.rollout_tp={o.rollout_tp} must divide task.actor.tp={a.tp}")
-        if a.pp > 1 or a.dp_shard * a.dp_replicate > 1:
-            raise ConfigError(f"task.rollout_tp={o.rollout_tp}: the 3D-HybridEngine reshards tensor-parallel actors "
-                              f"so far (task.actor.pp=1, dp_shard=1, dp_replicate=1; here pp={a.pp}, "
+        if a.dp_shard * a.dp_replicate > 1:
+            raise ConfigError(f"task.rollout_tp={o.rollout_tp}: the 3D-HybridEngine reshards tensor- and "
+                              f"pipeline-parallel actors so far (task.actor.dp_shard=1, dp_replicate=1; here "
                               f"dp_shard={a.dp_shard}, dp_replicate={a.dp_replicate})")
     for key in ("init_from", "critic_init_from", "reward_model_from"):
         check_checkpoint(f"task.{key}", getattr(o, key))

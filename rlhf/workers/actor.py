@@ -39,11 +39,16 @@ class ActorWorker(Worker):
         o = self.spec.options
         if self.role != "actor" or not o.rollout_tp:
             return info
-        from parallel.hybrid_engine import GenerationShards, HybridLayout, hybrid_groups
+        from parallel.hybrid_engine import (GenerationShards, HybridLayout, StagedGenerationShards, hybrid_groups,
+                                            pipeline_owner)
 
         layout = self.spec.layout
-        lay = HybridLayout(p=1, t=layout.tp, d=layout.dp_replicate * layout.dp_shard, t_g=o.rollout_tp)
-        self.hybrid = GenerationShards(self.model, lay, self._generation_network, self.device, resident=True)
+        lay = HybridLayout(p=layout.pp, t=layout.tp, d=layout.dp_replicate * layout.dp_shard, t_g=o.rollout_tp)
+        if self.pipeline is None:
+            self.hybrid = GenerationShards(self.model, lay, self._generation_network, self.device, resident=True)
+        else:  # generation without stages: every rank receives the other stages' layers at its shard
+            self.hybrid = StagedGenerationShards(self.parts[0], lay, self._generation_network, self.device,
+                                                 pipeline_owner(self.spec.model.n_layers, layout.pp, layout.virtual_stages))
         groups = hybrid_groups(lay)
         tp_rank = next(g.index(self.spec.rank) for g in groups.generation_tp if self.spec.rank in g)
         self.generation_info = WorkerInfo(self.spec.rank, groups.generation_dp_rank[self.spec.rank],

@@ -166,3 +166,37 @@ def test_resident_shards_have_no_redundant_copy_and_keep_training(t, t_g):
     ref = generate(model, torch.tensor([[1, 5, 9, 3]]), 6, temperature=0).numpy()
     for out in outs:
         assert (out["tokens"] == ref).all()
+
+
+def staged_transition(p: int, t: int, t_g: int, v: int) -> dict:
+    """Training pp=p × tp=t (split into stages by parallelize) → generation without stages under tp_g."""
+    from parallel.hybrid_engine import StagedGenerationShards, pipeline_owner
+    from parallel.mesh import ParallelDims, build_mesh
+    from parallel.parallelize import parallelize
+    from trainer.config import ParallelConfig
+    from trainer.models.loss import cross_entropy_loss
+
+    lay = HybridLayout(p=p, t=t, d=1, t_g=t_g)
+    layout = ParallelConfig(pp=p, tp=t, virtual_stages=v, microbatches=p,
+                            schedule="interleaved_1f1b" if v > 1 else "1f1b")
+    mesh = build_mesh(ParallelDims(pp=p, tp=t), "cpu")
+    _, parts, _ = parallelize(build_model(CFG, device="meta"), mesh, layout, loss_fn=cross_entropy_loss,
+                              device="cpu", seed=3)
+    engine = StagedGenerationShards(parts[0], lay, tp_model, torch.device("cpu"), pipeline_owner(CFG.n_layers, p, v))
+    received = engine.to_generation()
+    full = lambda x: x.full_tensor() if hasattr(x, "full_tensor") else x  # noqa: E731
+    run = FullLogits(engine.model) if t_g > 1 else engine.model
+    return {"tokens": generate(run, torch.tensor([[1, 5, 9, 3]]), 6, temperature=0).numpy(), "received": received,
+            "weights": {n: full(q.detach()).numpy() for n, q in engine.model.named_parameters()}}
+
+
+@pytest.mark.parametrize("p, t, t_g, v", [(2, 2, 2, 1), (2, 1, 1, 1), (2, 2, 1, 2)],
+                         ids=["pp2xtp2-to-tp2", "pp2-to-tp1", "pp2xtp2-interleaved-to-tp1"])
+def test_pipeline_layout_to_generation_without_stages(p, t, t_g, v):
+    ref_model = tp_model(None)
+    ref = generate(ref_model, torch.tensor([[1, 5, 9, 3]]), 6, temperature=0).numpy()
+    for out in run_ranks(p * t, staged_transition, p, t, t_g, v):
+        assert (out["tokens"] == ref).all()
+        for n, q in ref_model.named_parameters():
+            assert (out["weights"][n] == q.detach().numpy()).all(), n
+        assert out["received"] > 0

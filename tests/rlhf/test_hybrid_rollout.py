@@ -28,11 +28,11 @@ def prompts() -> Batch:
     return Batch(b.select("prompts", "prompt_mask").tensors, meta={"iteration": 2, "greedy": True})
 
 
-def generate_as_the_group_would(tp: int, rollout_tp: int) -> dict:
+def generate_as_the_group_would(tp: int, rollout_tp: int, pp: int = 1) -> dict:
     """Every rank builds the actor; each generates the chunk the generation-mesh dispatch gives it."""
-    world = tp
+    world = tp * pp
     spec = WorkerSpec(role="actor", rank=int(os.environ.get("RANK", 0)), world_size=world, model=MODEL,
-                      layout=ParallelConfig(tp=tp), optim=OptimConfig(), seed=7, device="cpu",
+                      layout=ParallelConfig(tp=tp, pp=pp, microbatches=pp), optim=OptimConfig(), seed=7, device="cpu",
                       options=RLHFOptions(max_new_tokens=5, rollout_tp=rollout_tp),
                       master_port=int(os.environ.get("MASTER_PORT", 0)))
     actor = ActorWorker(spec)
@@ -58,11 +58,12 @@ def one_process() -> np.ndarray:
     return actor.generate(prompts())["responses"].numpy()
 
 
-@pytest.mark.parametrize("tp, rollout_tp", [(2, 1), (4, 2), (4, 1)])
-def test_generation_layout_tokens_equal_one_process(tp, rollout_tp):
+@pytest.mark.parametrize("tp, rollout_tp, pp", [(2, 1, 1), (4, 2, 1), (4, 1, 1), (2, 2, 2), (1, 1, 2)],
+                         ids=["tp2-to-1", "tp4-to-2", "tp4-to-1", "pp2xtp2-to-tp2", "pp2-to-tp1"])
+def test_generation_layout_tokens_equal_one_process(tp, rollout_tp, pp):
     ref = one_process()
-    for out in run_ranks(tp, generate_as_the_group_would, tp, rollout_tp, init_pg=False):
-        assert out["dp_size"] == tp // rollout_tp  # d_g = t / t_g generation replicas
+    for out in run_ranks(tp * pp, generate_as_the_group_would, tp, rollout_tp, pp, init_pg=False):
+        assert out["dp_size"] == tp * pp // rollout_tp  # d_g = p·t / t_g generation replicas
         np.testing.assert_array_equal(out["responses"], ref)
         assert out["bytes"] > 0
 
@@ -81,3 +82,10 @@ def test_rollout_tp_that_does_not_divide_is_refused(tmp_path):
 
     with pytest.raises(ConfigError, match="task.rollout_tp=3 must divide task.actor.tp=2"):
         rlhf_config(tmp_path, "task.actor.tp=2", "task.rollout_tp=3")
+
+
+@pytest.mark.slow
+def test_ppo_with_a_pipeline_actor_generating_without_stages_on_ray(tmp_path, ray_session):
+    result = run_in_process(rlhf_config(tmp_path, "task.algorithm=ppo", "task.iterations=1", "task.actor.pp=2",
+                                        "task.rollout_tp=1"))
+    assert result["iterations"] == 1 and metrics(tmp_path)[1]["logprob_mismatch_max"] < 1e-4
