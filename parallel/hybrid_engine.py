@@ -279,3 +279,50 @@ def pipeline_owner(n_layers: int, pp: int, virtual_stages: int) -> Callable[[str
             return 0
         return (chunks - 1) % pp
     return owner
+
+
+class GatheredGenerationShards:
+    """The transition from an FSDP-sharded (and optionally tensor-parallel) training layout of
+    `world` ranks to generation under tp_g on groups of consecutive ranks (world / tp_g generation
+    replicas): one weight at a time, gathered whole (`full_tensor()`, over the FSDP and TP meshes)
+    and sliced to this rank's generation shard, so the extra memory never exceeds the generation
+    shard plus the largest single weight. It moves more than the micro-DP scheme (each weight's
+    whole, not just the generation shard): the bounded peak is the point."""
+
+    def __init__(self, train_model: nn.Module, world: int, t_g: int, build: Callable[[Optional[DeviceMesh]], nn.Module],
+                 device: torch.device):
+        if world % t_g:
+            raise ValueError(f"tp_gen={t_g} must divide the {world} ranks")
+        self.train_model, self.t_g, self.device = train_model, t_g, device
+        self.rank = dist.get_rank()
+        self.tp_rank, self.dp_rank, self.dp_size = self.rank % t_g, self.rank // t_g, world // t_g
+        mesh = None
+        if t_g > 1:
+            mesh = DeviceMesh(device.type, torch.arange(world).reshape(-1, t_g), mesh_dim_names=("dp", "tp"))["tp"]
+        self.model = build(mesh)
+        self.peak_piece_bytes = 0
+
+    @torch.no_grad()
+    def to_generation(self) -> int:
+        """Training weights → generation weights, one weight at a time; the bytes this rank received."""
+        received = 0
+        gen = dict(self.model.named_parameters())
+        for name, param in self.train_model.named_parameters():
+            target = gen[name]
+            full = param.detach().full_tensor() if isinstance(param, DTensor) else param.detach()
+            received += full.numel() * full.element_size() - _local(param.detach()).numel() * full.element_size()
+            self.peak_piece_bytes = max(self.peak_piece_bytes, full.numel() * full.element_size())
+            dim = _shard_dim(target)
+            local = _local(target)
+            if local.untyped_storage().size() == 0:
+                local.untyped_storage().resize_(local.numel() * local.element_size())
+            local.copy_(full.chunk(self.t_g, dim)[self.tp_rank] if dim is not None else full)
+            del full
+        return received
+
+    def release(self) -> None:
+        for p in self.model.parameters():
+            _local(p.data).untyped_storage().resize_(0)
+
+    def generation_bytes(self) -> int:
+        return sum(_local(p).numel() * _local(p).element_size() for p in self.model.parameters())

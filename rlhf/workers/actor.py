@@ -39,10 +39,16 @@ class ActorWorker(Worker):
         o = self.spec.options
         if self.role != "actor" or not o.rollout_tp:
             return info
-        from parallel.hybrid_engine import (GenerationShards, HybridLayout, StagedGenerationShards, hybrid_groups,
-                                            pipeline_owner)
+        from parallel.hybrid_engine import (GatheredGenerationShards, GenerationShards, HybridLayout,
+                                            StagedGenerationShards, hybrid_groups, pipeline_owner)
 
         layout = self.spec.layout
+        if layout.dp_shard > 1:  # FSDP-sharded: one weight gathered at a time, sliced to the generation shard
+            self.hybrid = GatheredGenerationShards(self.model, self.spec.world_size, o.rollout_tp,
+                                                   self._generation_network, self.device)
+            h = self.hybrid
+            self.generation_info = WorkerInfo(self.spec.rank, h.dp_rank, h.dp_size, h.tp_rank == 0)
+            return {"train": info, "generation": self.generation_info}
         lay = HybridLayout(p=layout.pp, t=layout.tp, d=layout.dp_replicate * layout.dp_shard, t_g=o.rollout_tp)
         if self.pipeline is None:
             self.hybrid = GenerationShards(self.model, lay, self._generation_network, self.device, resident=True)

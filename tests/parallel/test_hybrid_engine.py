@@ -200,3 +200,34 @@ def test_pipeline_layout_to_generation_without_stages(p, t, t_g, v):
         for n, q in ref_model.named_parameters():
             assert (out["weights"][n] == q.detach().numpy()).all(), n
         assert out["received"] > 0
+
+
+def fsdp_transition(dp_shard: int, t: int, t_g: int) -> dict:
+    """FSDP (× TP) training → generation under tp_g, one weight gathered at a time."""
+    from parallel.hybrid_engine import GatheredGenerationShards
+    from parallel.mesh import ParallelDims, build_mesh
+    from parallel.parallelize import parallelize
+    from trainer.config import ParallelConfig
+
+    mesh = build_mesh(ParallelDims(dp_shard=dp_shard, tp=t), "cpu")
+    _, parts, _ = parallelize(build_model(CFG, device="meta"), mesh, ParallelConfig(dp_shard=dp_shard, tp=t),
+                              device="cpu", seed=3)
+    engine = GatheredGenerationShards(parts[0], dp_shard * t, t_g, tp_model, torch.device("cpu"))
+    engine.to_generation()
+    full = lambda x: x.full_tensor() if hasattr(x, "full_tensor") else x  # noqa: E731
+    run = FullLogits(engine.model) if t_g > 1 else engine.model
+    largest = max(q.numel() * q.element_size() for q in tp_model(None).parameters())
+    return {"tokens": generate(run, torch.tensor([[1, 5, 9, 3]]), 6, temperature=0).numpy(),
+            "weights": {n: full(q.detach()).numpy() for n, q in engine.model.named_parameters()},
+            "peak_ok": engine.peak_piece_bytes <= largest, "dp_size": engine.dp_size}
+
+
+@pytest.mark.parametrize("dp_shard, t, t_g", [(4, 1, 2), (2, 2, 1), (2, 1, 2)],
+                         ids=["fsdp4-to-tp2", "fsdp2xtp2-to-tp1", "fsdp2-to-tp2"])
+def test_fsdp_layout_to_generation_one_weight_at_a_time(dp_shard, t, t_g):
+    ref_model = tp_model(None)
+    ref = generate(ref_model, torch.tensor([[1, 5, 9, 3]]), 6, temperature=0).numpy()
+    for out in run_ranks(dp_shard * t, fsdp_transition, dp_shard, t, t_g):
+        assert (out["tokens"] == ref).all() and out["peak_ok"] and out["dp_size"] == dp_shard * t // t_g
+        for n, q in ref_model.named_parameters():
+            assert (out["weights"][n] == q.detach().numpy()).all(), n

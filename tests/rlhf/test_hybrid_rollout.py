@@ -28,11 +28,11 @@ def prompts() -> Batch:
     return Batch(b.select("prompts", "prompt_mask").tensors, meta={"iteration": 2, "greedy": True})
 
 
-def generate_as_the_group_would(tp: int, rollout_tp: int, pp: int = 1) -> dict:
+def generate_as_the_group_would(tp: int, rollout_tp: int, pp: int = 1, dp_shard: int = 1) -> dict:
     """Every rank builds the actor; each generates the chunk the generation-mesh dispatch gives it."""
-    world = tp * pp
+    world = tp * pp * dp_shard
     spec = WorkerSpec(role="actor", rank=int(os.environ.get("RANK", 0)), world_size=world, model=MODEL,
-                      layout=ParallelConfig(tp=tp, pp=pp, microbatches=pp), optim=OptimConfig(), seed=7, device="cpu",
+                      layout=ParallelConfig(tp=tp, pp=pp, microbatches=pp, dp_shard=dp_shard), optim=OptimConfig(), seed=7, device="cpu",
                       options=RLHFOptions(max_new_tokens=5, rollout_tp=rollout_tp),
                       master_port=int(os.environ.get("MASTER_PORT", 0)))
     actor = ActorWorker(spec)
@@ -47,7 +47,7 @@ def generate_as_the_group_would(tp: int, rollout_tp: int, pp: int = 1) -> dict:
     outs = [None] * world
     dist.all_gather_object(outs, mine.select("responses"))
     return {"responses": collect("dp", dict(enumerate(outs)), gathered, pad=call.pad)["responses"].numpy(),
-            "dp_size": gathered[0].dp_size, "bytes": actor.hybrid.bytes_received}
+            "dp_size": gathered[0].dp_size}
 
 
 def one_process() -> np.ndarray:
@@ -58,14 +58,15 @@ def one_process() -> np.ndarray:
     return actor.generate(prompts())["responses"].numpy()
 
 
-@pytest.mark.parametrize("tp, rollout_tp, pp", [(2, 1, 1), (4, 2, 1), (4, 1, 1), (2, 2, 2), (1, 1, 2)],
-                         ids=["tp2-to-1", "tp4-to-2", "tp4-to-1", "pp2xtp2-to-tp2", "pp2-to-tp1"])
-def test_generation_layout_tokens_equal_one_process(tp, rollout_tp, pp):
+@pytest.mark.parametrize("tp, rollout_tp, pp, dp_shard", [(2, 1, 1, 1), (4, 2, 1, 1), (4, 1, 1, 1), (2, 2, 2, 1),
+                                                         (1, 1, 2, 1), (1, 2, 1, 4)],
+                         ids=["tp2-to-1", "tp4-to-2", "tp4-to-1", "pp2xtp2-to-tp2", "pp2-to-tp1", "fsdp4-to-tp2"])
+def test_generation_layout_tokens_equal_one_process(tp, rollout_tp, pp, dp_shard):
     ref = one_process()
-    for out in run_ranks(tp * pp, generate_as_the_group_would, tp, rollout_tp, pp, init_pg=False):
-        assert out["dp_size"] == tp * pp // rollout_tp  # d_g = p·t / t_g generation replicas
+    world = tp * pp * dp_shard
+    for out in run_ranks(world, generate_as_the_group_would, tp, rollout_tp, pp, dp_shard, init_pg=False):
+        assert out["dp_size"] == world // rollout_tp  # generation replicas
         np.testing.assert_array_equal(out["responses"], ref)
-        assert out["bytes"] > 0
 
 
 @pytest.mark.slow
