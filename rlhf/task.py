@@ -88,12 +88,12 @@ def check_rlhf(cfg: PlaitConfig, launcher_world: Optional[int]) -> int:
     derive_sizes(o, {r: layout_dims(getattr(o, r)).dp for r in roles if r in ("actor", "critic")})
     if o.rollout_tp:
         a = o.actor
-        world = layout_dims(a).world_size
+        actor_world = layout_dims(a).world_size
         if a.dp_shard > 1:  # FSDP: generation groups of rollout_tp consecutive ranks
-            if a.pp > 1 or a.dp_replicate > 1 or a.dp_backend != "fsdp" or world % o.rollout_tp:
+            if a.pp > 1 or a.dp_replicate > 1 or a.dp_backend != "fsdp" or actor_world % o.rollout_tp:
                 raise ConfigError(f"task.rollout_tp={o.rollout_tp} with task.actor.dp_shard={a.dp_shard}: needs "
                                   f"dp_backend=fsdp, pp=1, dp_replicate=1 and rollout_tp dividing the actor's "
-                                  f"{world} ranks")
+                                  f"{actor_world} ranks")
         elif a.tp % o.rollout_tp:
             raise ConfigError(f"task.rollout_tp={o.rollout_tp} must divide task.actor.tp={a.tp}")
         elif a.dp_replicate > 1:

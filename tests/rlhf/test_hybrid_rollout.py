@@ -90,3 +90,17 @@ def test_ppo_with_a_pipeline_actor_generating_without_stages_on_ray(tmp_path, ra
     result = run_in_process(rlhf_config(tmp_path, "task.algorithm=ppo", "task.iterations=1", "task.actor.pp=2",
                                         "task.rollout_tp=1"))
     assert result["iterations"] == 1 and metrics(tmp_path)[1]["logprob_mismatch_max"] < 1e-4
+
+
+@pytest.mark.parametrize("overrides", [["task.actor.tp=2", "task.rollout_tp=1"],
+                                       ["task.actor.dp_shard=2", "task.rollout_tp=2", "task.placement=colocate"]])
+def test_the_driver_is_one_process_whatever_the_roles_need(tmp_path, overrides):
+    """validate_run's world size is the CLI's spawn count: the driver alone (it starts the workers)."""
+    from hydra import compose, initialize_config_dir
+
+    from trainer.cli import CONFIG_DIR
+    from trainer.config import validate_run
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        raw = compose("plait", overrides=["task=rlhf", f"run_dir={tmp_path}", *overrides])
+    assert validate_run(raw, None)[1] == 1
