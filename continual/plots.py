@@ -45,6 +45,10 @@ def plot_matrix(R: torch.Tensor, curves: dict[str, list[float]], path: Path, tit
     b.legend()
     b.grid(alpha=0.3)
     fig.suptitle(title)
+    return _save(plt, fig, path)
+
+
+def _save(plt, fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -61,7 +65,4 @@ def plot_prequential(seen: list[int], accuracy: list[float], labels: list[float]
     a.legend()
     a.grid(alpha=0.3)
     a.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)

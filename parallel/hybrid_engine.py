@@ -127,7 +127,31 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-class GenerationShards:
+def _allocated(param: torch.Tensor) -> torch.Tensor:
+    """A generation weight's local tensor, its storage allocated again if `release` freed it."""
+    local = _local(param)
+    if local.untyped_storage().size() == 0:
+        local.untyped_storage().resize_(local.numel() * local.element_size())
+    return local
+
+
+class GenerationCopy:
+    """What every transition shares: the generation network `model`, whose weights' storage
+    `release()` frees between generations and `to_generation()` fills again."""
+
+    model: nn.Module
+
+    def release(self) -> None:
+        """Free the generation weights (their storage; the parameters stay, empty, until the next
+        `to_generation`)."""
+        for p in self.model.parameters():
+            _local(p.data).untyped_storage().resize_(0)
+
+    def generation_bytes(self) -> int:
+        return sum(_local(p).numel() * _local(p).element_size() for p in self.model.parameters())
+
+
+class GenerationShards(GenerationCopy):
     """A generation copy of a tensor-parallel training model under tp_g (pp = p_g = 1), filled from
     the training shards by all-gathers inside micro-DP groups.
 
@@ -170,9 +194,7 @@ class GenerationShards:
         gen = dict(self.model.named_parameters())
         me = self.micro_ranks.index(self.rank)
         for name, param in self.train_model.named_parameters():
-            target = _local(gen[name])
-            if target.untyped_storage().size() == 0:  # released earlier: allocate again
-                target.untyped_storage().resize_(target.numel() * target.element_size())
+            target = _allocated(gen[name])
             local = _local(param.detach())
             dim = _shard_dim(param)
             if dim is None or self.lay.micro_dp == 1:
@@ -200,15 +222,9 @@ class GenerationShards:
         return received
 
     def release(self) -> None:
-        """Free the generation weights (their storage; the parameters stay, empty, until the next
-        `to_generation`). Resident shards hold the training weights: nothing is freed."""
-        if self.resident:
-            return
-        for p in self.model.parameters():
-            _local(p.data).untyped_storage().resize_(0)
-
-    def generation_bytes(self) -> int:
-        return sum(_local(p).numel() * _local(p).element_size() for p in self.model.parameters())
+        """Resident shards hold the training weights: nothing is freed; else as GenerationCopy."""
+        if not self.resident:
+            super().release()
 
 
 class StagedGenerationShards(GenerationShards):
@@ -236,9 +252,7 @@ class StagedGenerationShards(GenerationShards):
         mine = dict(self.train_model.named_parameters())
         r = self.lay.t // self.lay.t_g
         for name, gen_param in self.model.named_parameters():
-            target = _local(gen_param)
-            if target.untyped_storage().size() == 0:
-                target.untyped_storage().resize_(target.numel() * target.element_size())
+            target = _allocated(gen_param)
             stage = self.owner(name)
             holders = [m for m in self.micro_ranks if coords(m, self.lay)[0] == stage]  # tp order (ranks ascend)
             dim = self.shard_dims[name]
@@ -281,7 +295,7 @@ def pipeline_owner(n_layers: int, pp: int, virtual_stages: int) -> Callable[[str
     return owner
 
 
-class GatheredGenerationShards:
+class GatheredGenerationShards(GenerationCopy):
     """The transition from an FSDP-sharded (and optionally tensor-parallel) training layout of
     `world` ranks to generation under tp_g on groups of consecutive ranks (world / tp_g generation
     replicas): one weight at a time, gathered whole (`full_tensor()`, over the FSDP and TP meshes)
@@ -313,16 +327,7 @@ class GatheredGenerationShards:
             received += full.numel() * full.element_size() - _local(param.detach()).numel() * full.element_size()
             self.peak_piece_bytes = max(self.peak_piece_bytes, full.numel() * full.element_size())
             dim = _shard_dim(target)
-            local = _local(target)
-            if local.untyped_storage().size() == 0:
-                local.untyped_storage().resize_(local.numel() * local.element_size())
+            local = _allocated(target)
             local.copy_(full.chunk(self.t_g, dim)[self.tp_rank] if dim is not None else full)
             del full
         return received
-
-    def release(self) -> None:
-        for p in self.model.parameters():
-            _local(p.data).untyped_storage().resize_(0)
-
-    def generation_bytes(self) -> int:
-        return sum(_local(p).numel() * _local(p).element_size() for p in self.model.parameters())

@@ -234,8 +234,8 @@ def _need(outputs: dict[int, Any], ranks: list[int]) -> list[Any]:
 
 
 def execute(workers: Sequence[Any], method: str, data: Any, infos: Optional[Sequence[WorkerInfo]] = None) -> Any:
-    """Run a registered method across in-process workers (the local backend, and tests):
-    dispatch -> call each worker in rank order -> collect."""
+    """Run a registered method across in-process workers: dispatch -> call each worker in rank
+    order -> collect (the same steps a worker group's bound method takes, without a group)."""
     infos = list(infos) if infos is not None else [WorkerInfo(r, r, len(workers), True) for r in range(len(workers))]
     if len(infos) != len(workers):
         raise ValueError(f"{len(workers)} workers but {len(infos)} worker infos")

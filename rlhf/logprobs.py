@@ -64,8 +64,3 @@ def token_log_probs(logits: torch.Tensor, tokens: torch.Tensor, temperature: flo
         entropy = plain_tensor(-(logp.exp() * logp).sum(-1))
     return -plain_tensor(nll).view_as(tokens), entropy
 
-
-def position_log_probs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
-                       with_entropy: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Log-probs [B, W-1] of tokens[:, 1:] from the model's logits [B, W, V] over `tokens`."""
-    return token_log_probs(logits[:, :-1], tokens[:, 1:], temperature, with_entropy)

@@ -20,7 +20,7 @@ from rlhf.groups.base import WorkerFailure, WorkerGroup
 from rlhf.kl_control import KL_CONTROLLERS
 from rlhf.plot import plot_curves
 from rlhf.rewards import resolve_reward
-from rlhf.sizes import derive_sizes
+from rlhf.sizes import BatchSizes, derive_sizes
 from rlhf.task import micro_batches_of
 from rlhf.workers import WORKER_CLASSES
 from rlhf.workers.base import WorkerSpec, layout_dims, replace
@@ -50,7 +50,7 @@ def active_roles(o: RLHFOptions) -> list[str]:
     return roles
 
 
-def role_spec(cfg: PlaitConfig, o: RLHFOptions, role: str, vocab) -> WorkerSpec:
+def role_spec(cfg: PlaitConfig, o: RLHFOptions, role: str, vocab, sizes: BatchSizes) -> WorkerSpec:
     layout = getattr(o, role)
     if layout.microbatches == -1:
         layout = replace(layout, microbatches=micro_batches_of(layout))
@@ -58,14 +58,15 @@ def role_spec(cfg: PlaitConfig, o: RLHFOptions, role: str, vocab) -> WorkerSpec:
     lr = o.critic_lr if role == "critic" else o.actor_lr
     optim = replace(cfg.optim, lr=lr, warmup_steps=0, schedule="constant")
     dims = layout_dims(layout)
-    micro = derive_sizes(o, {role: dims.dp}).micro_batches_per_worker[role] if role in ("actor", "critic") else 1
+    micro = sizes.micro_batches_per_worker.get(role, 1)  # trained roles: DeepSpeed's accumulation steps
     return WorkerSpec(role=role, rank=0, world_size=dims.world_size, model=model, layout=layout,
                       optim=optim, options=o, seed=cfg.seed, precision=cfg.trainer.precision, device=cfg.device,
                       checkpoint_dir=cfg.checkpoint.dir, keep_last=cfg.checkpoint.keep_last,
                       eos_id=vocab.eos_id, pad_id=vocab.pad_id, micro_batches=micro)
 
 
-def start_groups(cfg: PlaitConfig, o: RLHFOptions, roles: list[str], vocab) -> dict[str, WorkerGroup]:
+def start_groups(cfg: PlaitConfig, o: RLHFOptions, roles: list[str], vocab,
+                 sizes: BatchSizes) -> dict[str, WorkerGroup]:
     """Every role's worker group, built; on failure the ones already started are stopped."""
     groups: dict[str, WorkerGroup] = {}
     try:
@@ -73,11 +74,11 @@ def start_groups(cfg: PlaitConfig, o: RLHFOptions, roles: list[str], vocab) -> d
             from rlhf.groups.local import LocalWorkerGroup
 
             for role in roles:
-                groups[role] = LocalWorkerGroup(role, WORKER_CLASSES[role], role_spec(cfg, o, role, vocab))
+                groups[role] = LocalWorkerGroup(role, WORKER_CLASSES[role], role_spec(cfg, o, role, vocab, sizes))
         else:
             from rlhf.groups.ray_group import RayPool, RayWorkerGroup, worker_resources
 
-            specs = {role: role_spec(cfg, o, role, vocab) for role in roles}
+            specs = {role: role_spec(cfg, o, role, vocab, sizes) for role in roles}
             colocate = o.placement == "colocate"
             processes = specs["actor"].world_size if colocate else sum(s.world_size for s in specs.values())
             cpus, gpus = worker_resources(cfg.device, processes)
@@ -169,7 +170,7 @@ def run(cfg: PlaitConfig, env: DistEnv) -> dict:
     boundary = None
     try:
         start = time.perf_counter()
-        groups = start_groups(cfg, o, roles, vocab)
+        groups = start_groups(cfg, o, roles, vocab, sizes)
         log.text(f"workers ready in {time.perf_counter() - start:.1f}s")
         log.text(resident_line(groups))
         kl_ctrl = KL_CONTROLLERS.get(o.kl_ctrl)(*((o.kl_coef, o.kl_target, o.kl_horizon) if o.kl_ctrl == "adaptive"
