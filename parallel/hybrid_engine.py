@@ -135,6 +135,17 @@ def _allocated(param: torch.Tensor) -> torch.Tensor:
     return local
 
 
+def gather_into(target: torch.Tensor, local: torch.Tensor, dim: int, group, members: int) -> None:
+    """target ← the members' shards concatenated along `dim`, gathered straight into it (dim 0) or
+    through one buffer of target's size (other dims); `local` may be this rank's slot of target."""
+    if dim == 0:
+        dist.all_gather_single(target, local if local.is_contiguous() else local.contiguous(), group=group)
+        return
+    parts = torch.empty((members * local.shape[0], *local.shape[1:]), dtype=local.dtype, device=local.device)
+    dist.all_gather_single(parts, local.contiguous(), group=group)
+    target.unflatten(dim, (members, local.shape[dim])).copy_(parts.unflatten(0, (members, -1)).movedim(0, dim))
+
+
 class GenerationCopy:
     """What every transition shares: the generation network `model`, whose weights' storage
     `release()` frees between generations and `to_generation()` fills again."""
@@ -183,6 +194,7 @@ class GenerationShards(GenerationCopy):
             arrangement = torch.tensor(sorted(self.groups.generation_tp, key=lambda g: self.groups.generation_dp_rank[g[0]]))
             mesh = DeviceMesh(device.type, arrangement, mesh_dim_names=("dp", "tp"))["tp"]
         self.model = build(mesh)
+        GenerationCopy.release(self)  # allocated by each transition (resident: once, around the training shards)
         self.bytes_received = 0
         self.resident, self._aliased = resident, False
         self.rank = rank
@@ -194,28 +206,26 @@ class GenerationShards(GenerationCopy):
         gen = dict(self.model.named_parameters())
         me = self.micro_ranks.index(self.rank)
         for name, param in self.train_model.named_parameters():
-            target = _allocated(gen[name])
             local = _local(param.detach())
             dim = _shard_dim(param)
             if dim is None or self.lay.micro_dp == 1:
                 if self.resident and not self._aliased and not isinstance(gen[name], DTensor):
                     gen[name].data = local  # one copy, shared by both layouts
-                elif target.data_ptr() != local.data_ptr():
+                    continue
+                target = _allocated(gen[name])
+                if target.data_ptr() != local.data_ptr():
                     target.copy_(local)
                 continue
-            n = local.shape[dim]
+            target = _allocated(gen[name])
             if self.resident and not self._aliased:  # the training shard moves into its generation slot
+                n = local.shape[dim]
                 slot = target.narrow(dim, me * n, n)
                 slot.copy_(local)
                 # the DTensor parameter now reads and writes its slot (a private field, pinned by
                 # tests/parallel/test_hybrid_engine.py: training steps land in the generation buffer)
                 param._local_tensor = slot
                 local = slot
-            parts = [torch.empty_like(local) for _ in self.micro_ranks]
-            dist.all_gather(parts, local.contiguous(), group=self.micro_group)
-            for j, part in enumerate(parts):
-                if j != me or not self.resident:
-                    target.narrow(dim, j * n, n).copy_(part)
+            gather_into(target, local, dim, self.micro_group, len(self.micro_ranks))
             received += local.numel() * local.element_size() * (len(self.micro_ranks) - 1)
         self._aliased = self._aliased or self.resident
         self.bytes_received = received
@@ -232,12 +242,17 @@ class StagedGenerationShards(GenerationShards):
     generation without stages (pp_g = 1) under tp_g: a micro-DP group spans every stage (and t/t_g
     tensor ranks of each), so each rank receives the layers of the other stages at its generation
     tensor shard, piece by piece from the ranks that hold them (one broadcast per piece inside the
-    group). `owner(name)` is the pipeline rank holding a parameter; `train_model` holds this
-    rank's chunks under the whole model's parameter names (parallelize's ChunksView)."""
+    group, straight into its slot of the generation weight). `owner(name)` is the pipeline rank
+    holding a parameter; `train_model` holds this rank's chunks under the whole model's parameter
+    names (parallelize's ChunksView).
+
+    `resident=True`: as GenerationShards' — this rank's pieces move into their slots of the
+    generation buffer at the first transition (weights replicated over tp are shared), so the
+    extra memory is M/t_g − M/(t·p) for good and no piece is stored twice."""
 
     def __init__(self, train_model: nn.Module, lay: HybridLayout, build: Callable[[Optional[DeviceMesh]], nn.Module],
-                 device: torch.device, owner: Callable[[str], int]):
-        super().__init__(train_model, lay, build, device, resident=False)
+                 device: torch.device, owner: Callable[[str], int], resident: bool = False):
+        super().__init__(train_model, lay, build, device, resident=resident)
         self.owner = owner
         dims = {n: _shard_dim(p) for n, p in train_model.named_parameters()}
         everyone = [None] * dist.get_world_size()
@@ -246,35 +261,54 @@ class StagedGenerationShards(GenerationShards):
         for d in everyone:
             self.shard_dims.update(d)
 
+    def _pieces(self, name: str) -> list[int]:
+        """The micro-DP members whose training shards make up this rank's generation shard of
+        `name`, in slot order (one when the weight is replicated over tp)."""
+        stage = self.owner(name)
+        holders = [m for m in self.micro_ranks if coords(m, self.lay)[0] == stage]  # tp order (ranks ascend)
+        if self.shard_dims[name] is None:
+            return holders[:1]  # replicated over tp: one piece is all of it
+        if len(holders) != self.lay.t // self.lay.t_g:
+            raise RuntimeError(f"{name}: {len(holders)} holders in the micro-DP group, expected {self.lay.t // self.lay.t_g}")
+        return holders
+
     @torch.no_grad()
     def to_generation(self) -> int:
         received = 0
         mine = dict(self.train_model.named_parameters())
-        r = self.lay.t // self.lay.t_g
         for name, gen_param in self.model.named_parameters():
+            pieces, dim = self._pieces(name), self.shard_dims[name]
+            if self.resident and not self._aliased and dim is None and name in mine and not isinstance(gen_param, DTensor):
+                gen_param.data = _local(mine[name].detach())  # one copy, shared by both layouts
             target = _allocated(gen_param)
-            stage = self.owner(name)
-            holders = [m for m in self.micro_ranks if coords(m, self.lay)[0] == stage]  # tp order (ranks ascend)
-            dim = self.shard_dims[name]
-            pieces = holders if dim is not None else holders[:1]  # replicated over tp: one piece is all of it
-            if dim is not None and len(pieces) != r:
-                raise RuntimeError(f"{name}: {len(pieces)} holders in the micro-DP group, expected {r}")
-            shape = list(target.shape)
-            if dim is not None:
-                shape[dim] //= len(pieces)
-            parts = []
-            for src in pieces:
+            for j, src in enumerate(pieces):
+                slot = target if dim is None else target.narrow(dim, j * (target.shape[dim] // len(pieces)),
+                                                                 target.shape[dim] // len(pieces))
                 if src == self.rank:
-                    piece = _local(mine[name].detach()).contiguous()
+                    self._place(mine[name], slot)
+                    piece = slot if slot.is_contiguous() else slot.contiguous()
                 else:
-                    piece = torch.empty(shape, dtype=target.dtype, device=target.device)
+                    piece = slot if slot.is_contiguous() else torch.empty_like(slot, memory_format=torch.contiguous_format)
                     received += piece.numel() * piece.element_size()
-                if len(self.micro_ranks) > 1:
-                    dist.broadcast(piece, src=src, group=self.micro_group)
-                parts.append(piece)
-            target.copy_(torch.cat(parts, dim=dim) if dim is not None else parts[0])
+                dist.broadcast(piece, src=src, group=self.micro_group)
+                if piece.data_ptr() != slot.data_ptr() and src != self.rank:
+                    slot.copy_(piece)
+        self._aliased = self._aliased or self.resident
         self.bytes_received = received
         return received
+
+    def _place(self, param: torch.Tensor, slot: torch.Tensor) -> None:
+        """This rank's training shard into its slot: moved there for good (resident, first time),
+        already there (resident), or copied."""
+        local = _local(param.detach())
+        if local.data_ptr() == slot.data_ptr():
+            return
+        slot.copy_(local)
+        if self.resident and not self._aliased:
+            if isinstance(param, DTensor):
+                param._local_tensor = slot  # as GenerationShards: training steps land in the generation buffer
+            else:
+                param.data = slot
 
 
 def pipeline_owner(n_layers: int, pp: int, virtual_stages: int) -> Callable[[str], int]:

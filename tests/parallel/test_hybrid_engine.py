@@ -168,8 +168,9 @@ def test_resident_shards_have_no_redundant_copy_and_keep_training(t, t_g):
         assert (out["tokens"] == ref).all()
 
 
-def staged_transition(p: int, t: int, t_g: int, v: int) -> dict:
-    """Training pp=p × tp=t (split into stages by parallelize) → generation without stages under tp_g."""
+def staged_transition(p: int, t: int, t_g: int, v: int, resident: bool) -> dict:
+    """Training pp=p × tp=t (split into stages by parallelize) → generation without stages under tp_g;
+    then the training weights change in place and generation sees it (resident: through the aliases)."""
     from parallel.hybrid_engine import StagedGenerationShards, pipeline_owner
     from parallel.mesh import ParallelDims, build_mesh
     from parallel.parallelize import parallelize
@@ -182,24 +183,48 @@ def staged_transition(p: int, t: int, t_g: int, v: int) -> dict:
     mesh = build_mesh(ParallelDims(pp=p, tp=t), "cpu")
     _, parts, _ = parallelize(build_model(CFG, device="meta"), mesh, layout, loss_fn=cross_entropy_loss,
                               device="cpu", seed=3)
-    engine = StagedGenerationShards(parts[0], lay, tp_model, torch.device("cpu"), pipeline_owner(CFG.n_layers, p, v))
-    received = engine.to_generation()
+    engine = StagedGenerationShards(parts[0], lay, tp_model, torch.device("cpu"), pipeline_owner(CFG.n_layers, p, v),
+                                    resident=resident)
     full = lambda x: x.full_tensor() if hasattr(x, "full_tensor") else x  # noqa: E731
+    local = lambda x: x.to_local() if hasattr(x, "to_local") else x  # noqa: E731
     run = FullLogits(engine.model) if t_g > 1 else engine.model
-    return {"tokens": generate(run, torch.tensor([[1, 5, 9, 3]]), 6, temperature=0).numpy(), "received": received,
-            "weights": {n: full(q.detach()).numpy() for n, q in engine.model.named_parameters()}}
+    out = {}
+    for round_ in range(2):
+        received = engine.to_generation()
+        out[f"tokens_{round_}"] = generate(run, torch.tensor([[1, 5, 9, 3]]), 6, temperature=0).numpy()
+        out[f"weights_{round_}"] = {n: full(q.detach()).clone().numpy() for n, q in engine.model.named_parameters()}
+        engine.release()
+        with torch.no_grad():
+            for q in parts[0].parameters():
+                local(q).add_(0.01 * torch.sign(local(q)))
+    storages = {}
+    for q in [*parts[0].parameters(), *engine.model.parameters()]:
+        st = local(q.detach()).untyped_storage()
+        storages[st.data_ptr()] = st.nbytes()
+    out.update(received=received, resident_bytes=sum(storages.values()), generation_bytes=engine.generation_bytes())
+    return out
 
 
-@pytest.mark.parametrize("p, t, t_g, v", [(2, 2, 2, 1), (2, 1, 1, 1), (2, 2, 1, 2)],
-                         ids=["pp2xtp2-to-tp2", "pp2-to-tp1", "pp2xtp2-interleaved-to-tp1"])
-def test_pipeline_layout_to_generation_without_stages(p, t, t_g, v):
+@pytest.mark.parametrize("p, t, t_g, v, resident", [(2, 2, 2, 1, False), (2, 1, 1, 1, False), (2, 2, 1, 2, False),
+                                                    (2, 2, 2, 1, True), (2, 2, 1, 2, True)],
+                         ids=["pp2xtp2-to-tp2", "pp2-to-tp1", "pp2xtp2-interleaved-to-tp1", "pp2xtp2-to-tp2-resident",
+                              "pp2xtp2-interleaved-to-tp1-resident"])
+def test_pipeline_layout_to_generation_without_stages(p, t, t_g, v, resident):
     ref_model = tp_model(None)
-    ref = generate(ref_model, torch.tensor([[1, 5, 9, 3]]), 6, temperature=0).numpy()
-    for out in run_ranks(p * t, staged_transition, p, t, t_g, v):
-        assert (out["tokens"] == ref).all()
-        for n, q in ref_model.named_parameters():
-            assert (out["weights"][n] == q.detach().numpy()).all(), n
+    refs = reference_tokens()
+    weights = [{n: q.detach().numpy().copy() for n, q in ref_model.named_parameters()}]
+    with torch.no_grad():
+        for q in ref_model.parameters():
+            q.add_(0.01 * torch.sign(q))
+    weights.append({n: q.detach().numpy() for n, q in ref_model.named_parameters()})
+    for out in run_ranks(p * t, staged_transition, p, t, t_g, v, resident):
+        for round_ in (0, 1):
+            assert (out[f"tokens_{round_}"] == refs[round_]).all(), round_
+            for n, w in weights[round_].items():
+                assert (out[f"weights_{round_}"][n] == w).all(), (round_, n)
         assert out["received"] > 0
+        if resident:  # one copy of everything: the generation shard holds this rank's training shard
+            assert out["resident_bytes"] == out["generation_bytes"]
 
 
 def fsdp_transition(dp_shard: int, t: int, t_g: int) -> dict:
