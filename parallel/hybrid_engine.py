@@ -135,15 +135,30 @@ def _allocated(param: torch.Tensor) -> torch.Tensor:
     return local
 
 
-def gather_into(target: torch.Tensor, local: torch.Tensor, dim: int, group, members: int) -> None:
-    """target ← the members' shards concatenated along `dim`, gathered straight into it (dim 0) or
-    through one buffer of target's size (other dims); `local` may be this rank's slot of target."""
-    if dim == 0:
+GATHER_BUCKET_BYTES = 4 << 20  # one all-gather's output at most: gloo stages each through a buffer of that size
+
+
+def gather_into(target: torch.Tensor, local: torch.Tensor, dim: int, group, members: int,
+                bucket_bytes: int = GATHER_BUCKET_BYTES) -> None:
+    """target ← the members' shards concatenated along `dim` (`local` may be this rank's slot of
+    target), in all-gathers of at most `bucket_bytes` each (row blocks of the shards), so what is
+    in flight beyond target stays within two buckets whatever the weight's size."""
+    n = local.shape[dim]
+    row_bytes = max(1, local[:1].numel() * local.element_size() * members)
+    rows = max(1, min(local.shape[0], bucket_bytes // row_bytes))
+    if dim == 0 and rows == local.shape[0]:  # one bucket: straight into the generation weight
         dist.all_gather_single(target, local if local.is_contiguous() else local.contiguous(), group=group)
         return
-    parts = torch.empty((members * local.shape[0], *local.shape[1:]), dtype=local.dtype, device=local.device)
-    dist.all_gather_single(parts, local.contiguous(), group=group)
-    target.unflatten(dim, (members, local.shape[dim])).copy_(parts.unflatten(0, (members, -1)).movedim(0, dim))
+    for start in range(0, local.shape[0], rows):
+        piece = local.narrow(0, start, min(rows, local.shape[0] - start))
+        parts = torch.empty((members * piece.shape[0], *piece.shape[1:]), dtype=local.dtype, device=local.device)
+        dist.all_gather_single(parts, piece.contiguous(), group=group)
+        parts = parts.unflatten(0, (members, piece.shape[0]))
+        if dim == 0:  # member j's rows start..: target rows j·n + start..
+            target.unflatten(0, (members, n)).narrow(1, start, piece.shape[0]).copy_(parts)
+        else:
+            target.narrow(0, start, piece.shape[0]).unflatten(dim, (members, n)).copy_(parts.movedim(0, dim))
+        del parts
 
 
 class GenerationCopy:
@@ -329,13 +344,51 @@ def pipeline_owner(n_layers: int, pp: int, virtual_stages: int) -> Callable[[str
     return owner
 
 
+Block = tuple[tuple[int, int], ...]  # (start, length) along each dimension of a weight
+
+
+def _intersect(a: Block, b: Block) -> Optional[Block]:
+    """The common part of two blocks, or None when they do not meet."""
+    out = tuple((max(s, t), min(s + m, t + n) - max(s, t)) for (s, m), (t, n) in zip(a, b))
+    return out if all(length > 0 for _, length in out) else None
+
+
+def _within(block: Block, outer: Block) -> tuple[slice, ...]:
+    """`block` (inside `outer`) as indices into the tensor holding `outer`."""
+    return tuple(slice(s - o, s - o + m) for (s, m), (o, _) in zip(block, outer))
+
+
+def fsdp_tp_block(param: torch.Tensor, rank: int) -> Block:
+    """The part of a weight a rank holds under tensor parallelism, then FSDP2 on dim 0 of the
+    tensor-parallel shard (torch.chunk's split: ceil-sized pieces, trailing ones short or empty);
+    the whole weight for a plain tensor. `rank` must be on the weight's mesh."""
+    block = [(0, n) for n in param.shape]
+    if not isinstance(param, DTensor):
+        return tuple(block)
+    mesh = param.device_mesh
+    where = (mesh.mesh == rank).nonzero()[0].tolist()
+    names = mesh.mesh_dim_names or ()
+    order = sorted(range(mesh.ndim), key=lambda i: names[i] != "tp")  # tensor parallelism was applied first
+    for i in order:
+        dim = getattr(param.placements[i], "dim", None)
+        if dim is None:
+            continue  # replicated over this mesh dimension
+        start, length = block[dim]
+        size = mesh.mesh.shape[i]
+        piece = -(-length // size)
+        lo = min(where[i] * piece, length)
+        block[dim] = (start + lo, min(piece, length - lo))
+    return tuple(block)
+
+
 class GatheredGenerationShards(GenerationCopy):
     """The transition from an FSDP-sharded (and optionally tensor-parallel) training layout of
     `world` ranks to generation under tp_g on groups of consecutive ranks (world / tp_g generation
-    replicas): one weight at a time, gathered whole (`full_tensor()`, over the FSDP and TP meshes)
-    and sliced to this rank's generation shard, so the extra memory never exceeds the generation
-    shard plus the largest single weight. It moves more than the micro-DP scheme (each weight's
-    whole, not just the generation shard): the bounded peak is the point."""
+    replicas): weight by weight (layer by layer), each rank receives exactly the parts of its
+    generation shard that others hold — every pair of ranks on a weight's mesh exchanges the
+    intersection of one's training block with the other's generation block (point to point) — so
+    the extra memory stays within the generation shard plus one weight's pieces in flight
+    (`predicted_peak_bytes`), and no rank receives what its generation shard does not need."""
 
     def __init__(self, train_model: nn.Module, world: int, t_g: int, build: Callable[[Optional[DeviceMesh]], nn.Module],
                  device: torch.device):
@@ -348,7 +401,33 @@ class GatheredGenerationShards(GenerationCopy):
         if t_g > 1:
             mesh = DeviceMesh(device.type, torch.arange(world).reshape(-1, t_g), mesh_dim_names=("dp", "tp"))["tp"]
         self.model = build(mesh)
+        self.release()
+        self.gen_dims = {n: _shard_dim(q) for n, q in self.model.named_parameters()}
+        for name, param in train_model.named_parameters():  # the block rule must match what each rank holds
+            held = tuple(n for _, n in fsdp_tp_block(param, self.rank))
+            if held != tuple(_local(param).shape):
+                raise RuntimeError(f"{name}: holds {tuple(_local(param).shape)}, the FSDP×TP block rule says {held}")
         self.peak_piece_bytes = 0
+
+    def needed_block(self, param: torch.Tensor, name: str, rank: int) -> Block:
+        """The part of a weight a rank's generation shard holds (chunk rank % t_g along its dim)."""
+        block = [(0, n) for n in param.shape]
+        dim = self.gen_dims[name]
+        if dim is not None:
+            n = param.shape[dim] // self.t_g
+            block[dim] = ((rank % self.t_g) * n, n)
+        return tuple(block)
+
+    def predicted_peak_bytes(self) -> int:
+        """Extra memory while resharding: the generation shard, plus one weight's pieces in flight
+        (at most its generation shard received and its training shard sent)."""
+        gen = dict(self.model.named_parameters())
+        nbytes = lambda q: _local(q).numel() * _local(q).element_size()  # noqa: E731
+        return sum(self._gen_bytes(q, n) for n, q in gen.items()) + max(
+            self._gen_bytes(gen[n], n) + nbytes(q) for n, q in self.train_model.named_parameters())
+
+    def _gen_bytes(self, gen_param: torch.Tensor, name: str) -> int:
+        return gen_param.numel() * gen_param.element_size() // (self.t_g if self.gen_dims[name] is not None else 1)
 
     @torch.no_grad()
     def to_generation(self) -> int:
@@ -356,12 +435,37 @@ class GatheredGenerationShards(GenerationCopy):
         received = 0
         gen = dict(self.model.named_parameters())
         for name, param in self.train_model.named_parameters():
-            target = gen[name]
-            full = param.detach().full_tensor() if isinstance(param, DTensor) else param.detach()
-            received += full.numel() * full.element_size() - _local(param.detach()).numel() * full.element_size()
-            self.peak_piece_bytes = max(self.peak_piece_bytes, full.numel() * full.element_size())
-            dim = _shard_dim(target)
-            local = _allocated(target)
-            local.copy_(full.chunk(self.t_g, dim)[self.tp_rank] if dim is not None else full)
-            del full
+            received += self._reshard(param.detach(), name, _allocated(gen[name]))
         return received
+
+    def _reshard(self, param: torch.Tensor, name: str, target: torch.Tensor) -> int:
+        """One weight: this rank's own part copied, the others' received, its part of theirs sent."""
+        local, mine = _local(param), fsdp_tp_block(param, self.rank)
+        need = self.needed_block(param, name, self.rank)
+        own = _intersect(mine, need)
+        if own is not None:
+            target[_within(own, need)].copy_(local[_within(own, mine)])
+        peers = param.device_mesh.mesh.flatten().tolist() if isinstance(param, DTensor) else []
+        ops, landing, sent, in_flight = [], [], {}, 0
+        for peer in peers:
+            if peer == self.rank:
+                continue
+            out = _intersect(mine, self.needed_block(param, name, peer))
+            if out is not None:
+                if out not in sent:  # peers of one generation tensor rank need the same piece: one copy
+                    sent[out] = local[_within(out, mine)].contiguous()
+                    if sent[out].data_ptr() != local.data_ptr():
+                        in_flight += sent[out].numel() * sent[out].element_size()
+                ops.append(dist.P2POp(dist.isend, sent[out], peer))
+            inc = _intersect(fsdp_tp_block(param, peer), need)
+            if inc is not None:
+                buf = torch.empty([n for _, n in inc], dtype=target.dtype, device=target.device)
+                ops.append(dist.P2POp(dist.irecv, buf, peer))
+                landing.append((inc, buf))
+                in_flight += buf.numel() * buf.element_size()
+        for work in dist.batch_isend_irecv(ops) if ops else []:
+            work.wait()
+        for inc, buf in landing:
+            target[_within(inc, need)].copy_(buf)
+        self.peak_piece_bytes = max(self.peak_piece_bytes, in_flight)
+        return sum(buf.numel() * buf.element_size() for _, buf in landing)

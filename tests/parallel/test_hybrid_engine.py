@@ -228,7 +228,8 @@ def test_pipeline_layout_to_generation_without_stages(p, t, t_g, v, resident):
 
 
 def fsdp_transition(dp_shard: int, t: int, t_g: int) -> dict:
-    """FSDP (× TP) training → generation under tp_g, one weight gathered at a time."""
+    """FSDP (× TP) training → generation under tp_g, weight by weight, each rank receiving only
+    the parts of its generation shard that others hold."""
     from parallel.hybrid_engine import GatheredGenerationShards
     from parallel.mesh import ParallelDims, build_mesh
     from parallel.parallelize import parallelize
@@ -238,21 +239,50 @@ def fsdp_transition(dp_shard: int, t: int, t_g: int) -> dict:
     _, parts, _ = parallelize(build_model(CFG, device="meta"), mesh, ParallelConfig(dp_shard=dp_shard, tp=t),
                               device="cpu", seed=3)
     engine = GatheredGenerationShards(parts[0], dp_shard * t, t_g, tp_model, torch.device("cpu"))
-    engine.to_generation()
+    received = engine.to_generation()
     full = lambda x: x.full_tensor() if hasattr(x, "full_tensor") else x  # noqa: E731
     run = FullLogits(engine.model) if t_g > 1 else engine.model
     largest = max(q.numel() * q.element_size() for q in tp_model(None).parameters())
     return {"tokens": generate(run, torch.tensor([[1, 5, 9, 3]]), 6, temperature=0).numpy(),
             "weights": {n: full(q.detach()).numpy() for n, q in engine.model.named_parameters()},
-            "peak_ok": engine.peak_piece_bytes <= largest, "dp_size": engine.dp_size}
+            "peak_ok": engine.peak_piece_bytes <= largest, "dp_size": engine.dp_size, "received": received,
+            "generation_bytes": engine.generation_bytes(), "peak_within_prediction":
+            engine.generation_bytes() + engine.peak_piece_bytes <= engine.predicted_peak_bytes()}
 
 
 @pytest.mark.parametrize("dp_shard, t, t_g", [(4, 1, 2), (2, 2, 1), (2, 1, 2)],
                          ids=["fsdp4-to-tp2", "fsdp2xtp2-to-tp1", "fsdp2-to-tp2"])
-def test_fsdp_layout_to_generation_one_weight_at_a_time(dp_shard, t, t_g):
+def test_fsdp_layout_to_generation_receives_only_its_generation_shard(dp_shard, t, t_g):
     ref_model = tp_model(None)
     ref = generate(ref_model, torch.tensor([[1, 5, 9, 3]]), 6, temperature=0).numpy()
     for out in run_ranks(dp_shard * t, fsdp_transition, dp_shard, t, t_g):
         assert (out["tokens"] == ref).all() and out["peak_ok"] and out["dp_size"] == dp_shard * t // t_g
+        assert out["peak_within_prediction"]
+        assert 0 < out["received"] < out["generation_bytes"]  # only parts of its generation shard, never a whole weight more
         for n, q in ref_model.named_parameters():
             assert (out["weights"][n] == q.detach().numpy()).all(), n
+
+
+def bucketed_gathers() -> bool:
+    import torch.distributed as dist
+
+    from parallel.hybrid_engine import gather_into
+
+    r, w = dist.get_rank(), dist.get_world_size()
+    g, ok = torch.Generator().manual_seed(0), []
+    for shape, dim in [((64, 48), 0), ((64, 48), 1), ((8, 12), 0), ((8, 12), 1), ((36,), 0)]:
+        full = torch.randn(shape, generator=g)
+        local = full.chunk(w, dim)[r].contiguous()
+        for bucket in (1, 64, 1 << 30):  # one row per all-gather, a few rows, the whole weight at once
+            target = torch.empty_like(full)
+            gather_into(target, local, dim, None, w, bucket)
+            ok.append(torch.equal(target, full))
+        target, n = torch.zeros_like(full), local.shape[dim]  # this rank's shard already in its slot (resident)
+        target.narrow(dim, r * n, n).copy_(local)
+        gather_into(target, target.narrow(dim, r * n, n), dim, None, w, 64)
+        ok.append(torch.equal(target, full))
+    return all(ok)
+
+
+def test_bucketed_gathers_assemble_the_generation_weight_exactly():
+    assert all(run_ranks(4, bucketed_gathers))
