@@ -10,6 +10,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -146,7 +147,17 @@ class RunCheckpoint:
         self.driver.close()
 
 
-def run(cfg: PlaitConfig, env: DistEnv) -> dict:
+def run(cfg: PlaitConfig, env: DistEnv) -> Optional[dict]:
+    """The driver in this process; under a Slurm job of N nodes (one task each), on task 0 of a Ray
+    cluster spanning them (the other tasks host Ray nodes and return None)."""
+    if env.world_size > 1:
+        from trainer.launch.ray_cluster import on_ray_cluster
+
+        return on_ray_cluster(env, cfg.run_dir, lambda address: drive(cfg, address, nodes=env.world_size))
+    return drive(cfg, cfg.task.ray_address)
+
+
+def drive(cfg: PlaitConfig, ray_address: str, nodes: int = 1) -> dict:
     o: RLHFOptions = cfg.task
     torch.set_num_threads(o.threads)
     vocab = build_vocabulary(o.prompts)
@@ -165,13 +176,17 @@ def run(cfg: PlaitConfig, env: DistEnv) -> dict:
     if o.backend == "ray":
         from rlhf.groups.ray_group import ensure_ray
 
-        started_ray = ensure_ray(o.ray_address)
+        started_ray = ensure_ray(ray_address)
     groups: dict[str, WorkerGroup] = {}
     boundary = None
     try:
+        if nodes > 1:
+            from trainer.launch.ray_cluster import cluster_line, wait_for_nodes
+
+            log.text(cluster_line(wait_for_nodes(nodes)))
         start = time.perf_counter()
         groups = start_groups(cfg, o, roles, vocab, sizes)
-        log.text(f"workers ready in {time.perf_counter() - start:.1f}s")
+        log.text(f"workers ready in {time.perf_counter() - start:.1f}s{placement_text(groups)}")
         log.text(resident_line(groups))
         kl_ctrl = KL_CONTROLLERS.get(o.kl_ctrl)(*((o.kl_coef, o.kl_target, o.kl_horizon) if o.kl_ctrl == "adaptive"
                                                   else (o.kl_coef,)))
@@ -213,6 +228,14 @@ def run(cfg: PlaitConfig, env: DistEnv) -> dict:
     print(f"plait: done at iteration {progress.step}: held-out accuracy "
           f"{result['first_eval_accuracy']:.3f} -> {result['eval_accuracy']:.3f}; run dir {cfg.run_dir}", flush=True)
     return result
+
+
+def placement_text(groups: dict[str, WorkerGroup]) -> str:
+    """'; actor ×2 on 2 nodes, ...' for Ray groups whose workers span several nodes."""
+    spans = {role: len(set(g.pool.nodes)) for role, g in groups.items() if getattr(g, "pool", None) is not None}
+    if max(spans.values(), default=1) <= 1:
+        return ""
+    return "; " + ", ".join(f"{role} ×{groups[role].world_size} on {n} node{'s' * (n > 1)}" for role, n in spans.items())
 
 
 def resident_line(groups: dict[str, WorkerGroup]) -> str:

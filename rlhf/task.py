@@ -11,7 +11,8 @@ from typing import Optional
 from rlhf.config import ROLES, RLHFOptions, RMOptions, SFTOptions
 from trainer.config import PlaitConfig
 from trainer.errors import ConfigError
-from trainer.task import TaskFamily, _one_process
+from trainer.launch.ray_cluster import one_task_per_node
+from trainer.task import TaskFamily
 
 
 def micro_batches_of(layout) -> int:
@@ -65,7 +66,8 @@ def check_prompts(cfg: PlaitConfig, data, key: str, extra_tokens: int) -> None:
 
 def check_rlhf(cfg: PlaitConfig, launcher_world: Optional[int]) -> int:
     o: RLHFOptions = cfg.task
-    world = _one_process(cfg, launcher_world)  # the driver; it starts the workers itself
+    # the driver (it starts the workers itself); in a Slurm job of N nodes, one task per node
+    world = one_task_per_node(cfg, launcher_world, o.backend, o.ray_address)
     from rlhf.run import active_roles
     from rlhf.sizes import derive_sizes
     from rlhf.workers.base import layout_dims

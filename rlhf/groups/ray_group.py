@@ -29,8 +29,9 @@ def ensure_ray(address: str = "", num_cpus: Optional[int] = None) -> bool:
     if address:
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=True,
-                 runtime_env={"env_vars": env}, configure_logging=False)
+        # "local": a new instance, never the host's last `ray start` cluster (maybe gone by now)
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+                 log_to_driver=True, runtime_env={"env_vars": env}, configure_logging=False)
     return True
 
 
@@ -49,6 +50,12 @@ class WorkerHost:
             s.bind(("", 0))
             port = s.getsockname()[1]
         return ray.util.get_node_ip_address(), port, os.getpid()
+
+    def node(self) -> str:
+        """The Ray node this host runs on (its IP and the node id's first 8 digits)."""
+        import ray
+
+        return f"{ray.util.get_node_ip_address()}/{ray.get_runtime_context().get_node_id()[:8]}"
 
     def setup(self, role: str, worker_cls: type, spec: WorkerSpec) -> int:
         self.workers[role] = worker_cls(spec)
@@ -89,6 +96,7 @@ class RayPool:
                                         self.pg, placement_group_bundle_index=r)).remote()
                        for r in range(size)]
         self.address = ray.get(self.actors[0].address.remote(), timeout=timeout)[:2]
+        self.nodes = ray.get([a.node.remote() for a in self.actors], timeout=timeout)  # per rank
         self.roles: list[str] = []
 
     def close(self) -> None:

@@ -1,0 +1,225 @@
+"""A Ray cluster inside one Slurm job, for families whose single controller places its own workers
+(HybridFlow's driver): one task per node; task 0 starts the Ray head and runs the driver on it,
+every other task starts a Ray worker node and waits for the driver to finish. Each task stops its
+own node's Ray at the end (never `ray stop`, which would kill every Ray session on the host)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Callable, Optional, TypeVar
+
+from trainer.errors import ConfigError
+
+T = TypeVar("T")
+# Ray's workers take ports 10002-19999 by default and Linux's ephemeral range starts at 32768:
+# the head's GCS port lives between them, one per job (derived from MASTER_PORT, like it).
+HEAD_PORT_BASE, HEAD_PORT_SPAN = 20000, 9000
+NODES_TIMEOUT_S = 300.0  # how long the driver waits for every node to join
+LONG_WAIT = timedelta(days=365)  # worker tasks wait on the driver for the whole run
+
+
+def head_port(master_port: int) -> int:
+    """20000 + MASTER_PORT mod 9000: the same in every task, different for concurrent jobs."""
+    return HEAD_PORT_BASE + master_port % HEAD_PORT_SPAN
+
+
+def one_task_per_node(cfg, launcher_world: Optional[int], backend: str, address: str) -> int:
+    """The world size of a controller family: the nodes of a Slurm job (one task each, a Ray node
+    each), or one process anywhere else."""
+    nodes = cfg.launcher.nodes if cfg.launcher.name == "slurm" else (launcher_world or 1)
+    if cfg.launcher.name == "slurm" and cfg.launcher.tasks_per_node not in (0, 1):
+        raise ConfigError(f"task={cfg.task.name} runs one task per node (each one a Ray node; Ray places the "
+                          f"workers), but launcher.tasks_per_node={cfg.launcher.tasks_per_node}; leave it at 0")
+    if launcher_world not in (None, nodes):
+        raise ConfigError(f"task={cfg.task.name} runs one task per node, but the launcher started "
+                          f"{launcher_world} tasks on {nodes} node(s); start it once per node "
+                          "(srun --ntasks-per-node=1, or launcher=slurm launcher.nodes=N)")
+    if launcher_world and launcher_world > 1 and _step_nodes() not in (None, launcher_world):
+        raise ConfigError(f"task={cfg.task.name} runs one task per node, but this step has {launcher_world} "
+                          f"tasks on {_step_nodes()} node(s): use srun --ntasks-per-node=1")
+    if nodes > 1 and backend != "ray":
+        raise ConfigError(f"task={cfg.task.name} on {nodes} nodes needs task.backend=ray (a Ray cluster across "
+                          f"them), not task.backend={backend}")
+    if nodes > 1 and address:
+        raise ConfigError(f"task.ray_address={address} names an existing cluster, but the job starts its own on "
+                          f"its {nodes} nodes; drop one of them")
+    return nodes
+
+
+def _step_nodes() -> Optional[int]:
+    value = os.environ.get("SLURM_STEP_NUM_NODES") or os.environ.get("SLURM_NNODES")
+    return int(value) if value else None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def node_resources() -> tuple[int, int]:
+    """(CPUs, GPUs) this task may use on its node: Slurm's allotment, else the machine's."""
+    cpus = os.environ.get("SLURM_CPUS_PER_TASK") or os.environ.get("SLURM_CPUS_ON_NODE")
+    try:
+        import torch
+
+        gpus = torch.cuda.device_count()
+    except Exception:  # noqa: BLE001 - no usable CUDA
+        gpus = 0
+    return int(cpus) if cpus else (os.cpu_count() or 1), gpus
+
+
+def ray_executable() -> str:
+    here = Path(sys.executable).parent / "ray"
+    found = str(here) if here.exists() else shutil.which("ray")
+    if not found:
+        raise ConfigError("a Ray cluster needs the `ray` command beside this interpreter: pip install 'plait[rlhf]'")
+    return found
+
+
+def start_node(head: Optional[str], port: int, log: Path) -> subprocess.Popen:
+    """`ray start --block` for this node (the head when `head` is None): stopping this process
+    stops the node's Ray and nothing else. Every port it opens is its own, so several "nodes" may
+    share one host."""
+    cpus, gpus = node_resources()
+    cmd = [ray_executable(), "start", "--block", "--disable-usage-stats", f"--num-cpus={cpus}",
+           f"--num-gpus={gpus}", f"--dashboard-agent-listen-port={_free_port()}",
+           f"--dashboard-agent-grpc-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
+           f"--metrics-export-port={_free_port()}"]
+    cmd += (["--head", f"--port={port}", "--include-dashboard=false", f"--ray-client-server-port={_free_port()}"]
+            if head is None else [f"--address={head}"])
+    log.parent.mkdir(parents=True, exist_ok=True)
+    out = log.open("ab")
+    # Slurm's time-limit warning (SIGUSR2) is for the driver, which saves with these nodes' help
+    ignore_usr2 = lambda: signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # noqa: E731
+    env = {**os.environ, "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
+    return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=ignore_usr2)
+
+
+def stop_node(proc: subprocess.Popen, address: Optional[str] = None) -> None:
+    """Stop this node's Ray; for the head (`address`), also forget it as the host's "current
+    cluster" (which a later plain `ray.init()` on this host would try to join)."""
+    if proc.poll() is None:
+        proc.terminate()  # `ray start --block` stops its node's processes on SIGTERM
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+    try:
+        if address is not None and current.read_text().strip() == address:
+            current.unlink()
+    except OSError:
+        pass
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _head_up(proc: subprocess.Popen, ip: str, port: int, log: Path, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the Ray head on {ip}:{port} exited with {proc.returncode}; {log}:\n{_tail(log)}")
+        try:
+            with socket.create_connection((ip, port), timeout=1.0):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError(f"the Ray head did not listen on {ip}:{port} within {timeout:.0f}s; {log}:\n{_tail(log)}")
+
+
+def wait_for_nodes(count: int, timeout: float = NODES_TIMEOUT_S) -> list[dict]:
+    """Block until `count` Ray nodes are alive (connected driver); returns them."""
+    import ray
+
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = [n for n in ray.nodes() if n["Alive"]]
+        if len(alive) >= count:
+            return alive
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {len(alive)} of {count} Ray nodes joined within {timeout:.0f}s "
+                               f"({', '.join(n['NodeManagerAddress'] for n in alive)}); see the other tasks' "
+                               "logs and <run_dir>/ray/node-<rank>.log")
+        time.sleep(0.5)
+
+
+def on_ray_cluster(env, run_dir: str, driver: Callable[[str], T]) -> Optional[T]:
+    """Run `driver(address)` on task 0 against a Ray cluster of every task's node; None elsewhere.
+    The driver connects (`ray.init(address=...)`) and waits for the nodes (`wait_for_nodes`).
+
+    The tasks' process group only carries the head's address: it is then taken down, so the driver
+    runs as the single process it is (its checkpoints and preemption checks agree with nobody).
+    The worker tasks wait on a TCPStore key instead, so a long run never trips a collective timeout.
+    """
+    import torch.distributed as dist
+
+    from ray._private.services import get_node_ip_address
+
+    port = head_port(int(os.environ.get("MASTER_PORT", "0")))
+    log = Path(run_dir) / "ray" / f"node-{env.rank}.log"
+    proc, store, box, address = None, None, [None], None
+    try:
+        if env.rank == 0:
+            ip = get_node_ip_address()
+            proc = start_node(None, port, log)
+            _head_up(proc, ip, port, log)
+            store = dist.TCPStore(ip, 0, is_master=True, timeout=LONG_WAIT, wait_for_workers=False)
+            address = f"{ip}:{port}"
+            box = [(address, ip, store.port)]
+        dist.broadcast_object_list(box, src=0)
+        address, store_ip, store_port = box[0]
+        dist.destroy_process_group()
+        if env.rank == 0:
+            try:
+                return driver(address)
+            finally:
+                _release_workers(store, env.world_size - 1)
+        store = dist.TCPStore(store_ip, store_port, is_master=False, timeout=LONG_WAIT)
+        proc = start_node(address, port, log)
+        print(f"plait: Ray node {env.rank} on {socket.gethostname()} joined {address}; waiting for the driver",
+              flush=True)
+        _wait_for_driver(store, proc, log)
+        return None
+    finally:
+        if proc is not None:
+            stop_node(proc, address if env.rank == 0 else None)
+
+
+def _release_workers(store, workers: int, timeout: float = 120.0) -> None:
+    """Tell the worker tasks the driver is done; wait until each has read it (the store lives here)."""
+    store.set("done", "1")
+    deadline = time.monotonic() + timeout
+    while store.add("left", 0) < workers and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
+def _wait_for_driver(store, proc: subprocess.Popen, log: Path) -> None:
+    while not store.check(["done"]):
+        if proc.poll() is not None:
+            raise RuntimeError(f"this task's Ray node exited with {proc.returncode} before the driver finished; "
+                               f"{log}:\n{_tail(log)}")
+        time.sleep(1.0)
+    store.add("left", 1)
+
+
+def cluster_line(alive: list[dict]) -> str:
+    cpus = sum(n["Resources"].get("CPU", 0) for n in alive)
+    gpus = sum(n["Resources"].get("GPU", 0) for n in alive)
+    hosts = sorted({n["NodeManagerAddress"] for n in alive})
+    return f"Ray cluster: {len(alive)} nodes ({', '.join(hosts)}), {cpus:g} CPUs, {gpus:g} GPUs"
