@@ -51,19 +51,19 @@ TASK = {"_target_": "federated.run.run", "name": "federated", "mode": "local", "
         "target_modules": ["wq", "wv"], "batch_size": 16, "bits": 8, "plots": False}
 
 
-def config(run_dir: Path, **task):
+def config(run_dir: Path, seed: int = 0, **task):
     from trainer.config import validate
 
-    return validate({"task": {**TASK, **task}, "model": MODEL, "seed": 0, "run_dir": str(run_dir),
+    return validate({"task": {**TASK, **task}, "model": MODEL, "seed": seed, "run_dir": str(run_dir),
                      "checkpoint": {"every": 1, "keep_last": 1}, "logger": {"progress": False}})
 
 
-def run_local(run_dir: Path, **task) -> list[dict]:
+def run_local(run_dir: Path, seed: int = 0, **task) -> list[dict]:
     """`plait task=federated task.mode=local` in this process; its metrics rows."""
     from federated.run import serve
     from federated.server import local_transport
 
-    cfg = config(run_dir, **task)
+    cfg = config(run_dir, seed, **task)
     with contextlib.redirect_stdout(sys.stderr):  # the run's own lines; stdout holds the one JSON line
         serve(cfg, lambda spec, log: local_transport(cfg.task, cfg.model, cfg.seed))
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -212,6 +212,7 @@ def main():
     ap.add_argument("--out", default="")
     ap.add_argument("--only", default="aggregators,gap,planner,overhead",
                     help="comma-separated parts: aggregators (also bytes), gap, planner, overhead")
+    ap.add_argument("--planner-seeds", default="0,1,2", help="(3): seeds each arm runs at (accuracy: their mean)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -248,7 +249,7 @@ def main():
     if "gap" in parts:
         report.update(gap(out, aggregators, R, K, S))
     if "planner" in parts:
-        report.update(planner(out, R, K))
+        report.update(planner(out, R, K, [int(x) for x in args.planner_seeds.split(",")]))
     if "overhead" in parts:
         report.update(overhead(out, R))
     report["seconds"] = time.perf_counter() - t0
@@ -278,35 +279,66 @@ def gap(out: Path, aggregators: dict, R: int, K: int, S: int) -> dict:
     return report
 
 
-def planner(out: Path, R: int, K: int) -> dict:
-    """(3) the planner against uniform ranks, clients of 1×, 2×, 4× speed (and 4× again: 4 clients)."""
-    report = {}
-    speeds = [1.0, 2.0, 4.0, 4.0]
-    clients = [{"speed": s, "bandwidth_mbps": 100.0, "memory_mib": 512.0} for s in speeds]
-    planned = run_local(out / "planner", planner="milp", clients=clients, rounds=R, strategy="svd",
-                        rank_choices=[2, 4, 8], batch_choices=[8, 16], bits_choices=[8, 32], max_modules=8)
-    uniform = run_local(out / "uniform", planner="uniform", clients=clients, rounds=R, strategy="svd")
+PLANNER_SPEEDS = [1.0, 2.0, 4.0, 4.0]  # (3): 1×, 2×, 4× relative speed (and 4× again: 4 clients)
+PLANNER_TEST_SAMPLES = 4096  # (3): a larger held-out set, so one point is 41 examples, not 5
+PLANNER_CHOICES = {"rank_choices": [2, 4, 8], "batch_choices": [8, 16], "bits_choices": [8, 32]}
+
+
+def planner(out: Path, R: int, K: int, seeds: list[int]) -> dict:
+    """(3) the planner against uniform ranks on clients of 1×, 2×, 4× speed, each arm at every seed.
+
+    Time: the slowest client's round time (measured compute ÷ speed + bytes ÷ bandwidth), mean over
+    rounds 2..R (round 1 carries this process's one-time costs, whichever arm runs first), then over
+    seeds; a 1-round warm-up run goes first. Accuracy: the final round's on PLANNER_TEST_SAMPLES
+    held-out samples, mean over seeds (one run's final accuracy moves by about a point with the seed)."""
+    clients = [{"speed": s, "bandwidth_mbps": 100.0, "memory_mib": 512.0} for s in PLANNER_SPEEDS]
+    common = {"clients": clients, "rounds": R, "strategy": "svd", "test_samples": PLANNER_TEST_SAMPLES}
+    arms = {"uniform": {"planner": "uniform"},  # task.rank on wq, wv at task.batch_size, 8-bit base, for all
+            "planner": {"planner": "milp", **PLANNER_CHOICES},  # ranks, batch, bits on the user's wq, wv
+            # FedPipe's module choice by importance (task.plan_modules=importance, up to 8 modules)
+            "importance": {"planner": "milp", "plan_modules": "importance", "max_modules": 8, **PLANNER_CHOICES}}
+    run_local(out / "planner-warmup", **{**common, "rounds": 1})
 
     def slowest(rows):
-        return statistics.mean(max(r[f"client{k}/round_s"] for k in range(K) if f"client{k}/round_s" in r) for r in rows)
+        return statistics.mean(max(r[f"client{k}/round_s"] for k in range(K) if f"client{k}/round_s" in r)
+                               for r in rows[1:])
 
-    report["planner_time_cut"] = 1 - slowest(planned) / slowest(uniform)
-    report["planner_acc_delta"] = 100 * (planned[-1]["accuracy"] - uniform[-1]["accuracy"])
-    # the same program with the modules fixed to uniform's (wq, wv): ranks, batch and bits only
-    fixed = run_local(out / "planner-target", planner="milp", plan_modules="target", clients=clients, rounds=R,
-                      strategy="svd", rank_choices=[2, 4, 8], batch_choices=[8, 16], bits_choices=[8, 32])
-    report["planner"] = {"slowest_round_s": slowest(planned), "uniform_slowest_round_s": slowest(uniform),
-                         "accuracy": planned[-1]["accuracy"], "uniform_accuracy": uniform[-1]["accuracy"],
-                         "plan_png": str(out / "planner" / "plan.png"),
-                         "target_modules_time_cut": 1 - slowest(fixed) / slowest(uniform),
-                         "target_modules_acc_delta": 100 * (fixed[-1]["accuracy"] - uniform[-1]["accuracy"])}
+    time_s, acc = {a: [] for a in arms}, {a: [] for a in arms}
+    for seed in seeds:
+        for arm, task in arms.items():
+            rows = run_local(out / f"{arm}-seed{seed}", seed, **common, **task)
+            time_s[arm].append(slowest(rows))
+            acc[arm].append(rows[-1]["accuracy"])
+            print(f"planner {arm} seed {seed}: slowest {time_s[arm][-1]:.3f} s, accuracy {acc[arm][-1]:.4f}",
+                  file=sys.stderr, flush=True)
+    # the uniform plan on a float base (seed 0, time only): how much of the cut is the bits' and how much the batch's
+    float_uniform = slowest(run_local(out / "uniform-float", **common, planner="uniform", bits=32))
+    mean = {a: statistics.mean(time_s[a]) for a in arms}
+    macc = {a: statistics.mean(acc[a]) for a in arms}
+    report = {"planner_time_cut": 1 - mean["planner"] / mean["uniform"],
+              "planner_acc_delta": 100 * (macc["planner"] - macc["uniform"])}
+    report["planner"] = {
+        "seeds": seeds, "test_samples": PLANNER_TEST_SAMPLES,
+        "slowest_round_s": mean["planner"], "uniform_slowest_round_s": mean["uniform"],
+        "uniform_float_slowest_round_s": float_uniform, "time_cut_vs_uniform_float": 1 - mean["planner"] / float_uniform,
+        "accuracy": macc["planner"], "uniform_accuracy": macc["uniform"],
+        "accuracy_per_seed": acc["planner"], "uniform_accuracy_per_seed": acc["uniform"],
+        "acc_delta_per_seed": [100 * (a - b) for a, b in zip(acc["planner"], acc["uniform"])],
+        "importance_modules_time_cut": 1 - mean["importance"] / mean["uniform"],
+        "importance_modules_acc_delta": 100 * (macc["importance"] - macc["uniform"]),
+        "importance_accuracy_per_seed": acc["importance"],
+        "plan_png": str(out / "planner-seed0" / "plan.png")}
     from federated.plots import plot_plan
     from federated.run import make_plan
 
-    cfg = config(out / "planner", planner="milp", clients=clients, rounds=R, strategy="svd", rank_choices=[2, 4, 8],
-                 batch_choices=[8, 16], bits_choices=[8, 32], max_modules=8)
-    _, pb, sol = make_plan(cfg, lambda s: None)
-    plot_plan(out / "planner" / "plan.png", pb, sol)
+    for arm in ("planner", "importance"):
+        cfg = config(out / f"{arm}-seed0", **common, **arms[arm])
+        plans, pb, sol = make_plan(cfg, lambda s: None)
+        plot_plan(out / f"{arm}-seed0" / "plan.png", pb, sol)
+        report["planner"][f"{arm}_plan"] = [{"batch": p.batch_size, "bits": p.bits,
+                                             "ranks": sorted(set(p.ranks.values())),
+                                             "modules": sorted({m.rsplit(".", 1)[-1] for m in p.ranks})}
+                                            for p in plans]
     return report
 
 

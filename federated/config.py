@@ -62,10 +62,11 @@ class FederatedConfig(TaskOptions):
     rank_choices: list[int] = field(default_factory=lambda: [2, 4, 8])
     batch_choices: list[int] = field(default_factory=lambda: [8, 16])
     bits_choices: list[int] = field(default_factory=lambda: [4, 8, 32])
-    max_modules: int = bounded(4, ge=1)  # modules the planner may adapt
-    # which modules the MILP may adapt: by importance (FedPipe: it picks up to max_modules of them),
-    # or exactly task.target_modules (it then plans only ranks, batch and bits per client)
-    plan_modules: str = choice("importance", "target")
+    max_modules: int = bounded(4, ge=1)  # plan_modules=importance: modules the planner may adapt
+    # which modules the MILP adapts: exactly task.target_modules (it plans ranks, batch and bits per
+    # client, importance weighting each module's rank), or up to max_modules chosen by importance
+    # (FedPipe's selection; on the seed-built base it picks wo/wv over wq and learns slower: docs/federated.md)
+    plan_modules: str = choice("target", "importance")
     calibration_samples: int = bounded(64, ge=1)  # importance Σ|w·∂L/∂w| from this many samples
     balance_weight: float = bounded(0.1, ge=0)  # λ of −λ·T_max in the objective (round-time balance)
     clients: list[ClientProfile] = field(default_factory=list)  # one per client, or none for defaults

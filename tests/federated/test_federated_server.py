@@ -19,7 +19,7 @@ MODEL = {"vocab_size": 64, "dim": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads":
 def config(run_dir, resume="none", **task):
     base = {"_target_": "federated.run.run", "name": "federated", "mode": "local", "num_clients": 3, "rounds": 3,
             "train_samples": 240, "test_samples": 96, "seq_len": 12, "local_steps": 3, "batch_choices": [8],
-            "rank_choices": [2, 4], "max_modules": 2, "plots": False}
+            "rank_choices": [2, 4], "max_modules": 2, "plan_modules": "importance", "plots": False}
     return validate({"task": {**base, **task}, "model": MODEL, "seed": 0, "run_dir": str(run_dir),
                      "checkpoint": {"every": 1, "resume": resume, "keep_last": 0}, "logger": {"progress": False}})
 
@@ -118,3 +118,18 @@ def test_hugging_face_base_gives_the_plait_base_results(tmp_path):
     assert sa["model"].keys() == sb["model"].keys()
     for k in sa["model"]:
         assert torch.equal(sa["model"][k], sb["model"][k]), k
+
+
+def test_planner_keeps_the_target_modules_unless_told_to_choose(tmp_path):
+    """task.plan_modules=target (default): the MILP plans ranks, batch and bits on exactly
+    task.target_modules; =importance: it picks up to task.max_modules by importance."""
+    from federated.run import make_plan
+
+    plans, pb, _ = make_plan(config(tmp_path / "t", plan_modules="target", target_modules=["wq", "wv"]),
+                             lambda s: None)
+    want = {f"layers.{i}.attention.{m}" for i in range(2) for m in ("wq", "wv")}
+    assert all(set(p.ranks) == want for p in plans)
+    assert set(pb.importance) == want and abs(sum(pb.importance.values()) - 1) < 1e-9
+    plans, pb, _ = make_plan(config(tmp_path / "i", plan_modules="importance", max_modules=2), lambda s: None)
+    top = sorted(pb.importance, key=pb.importance.get, reverse=True)
+    assert 1 <= len(plans[0].ranks) <= 2 and set(plans[0].ranks) <= set(top)
