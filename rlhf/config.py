@@ -69,6 +69,8 @@ class RLHFOptions(TaskOptions):
     # the 3D-HybridEngine: generate under tensor parallelism rollout_tp (dividing task.actor.tp) with
     # tp / rollout_tp times the data parallelism, resharding the actor's weights each iteration
     rollout_tp: int = bounded(0, ge=0, note="0 to generate in the actor's training layout")
+    # what generates: Plait's KV-cache engine, or package.module:Class (rlhf/rollout_engine.py's interface)
+    rollout_engine: str = "plait"
     # optimisation (optim.* holds the optimizer; these are the per-role rates)
     actor_lr: float = bounded(3e-4, gt=0)  # the tiny demo model's; large models want ~1e-6
     critic_lr: float = bounded(1e-3, gt=0)

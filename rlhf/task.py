@@ -101,6 +101,12 @@ def check_rlhf(cfg: PlaitConfig, launcher_world: Optional[int]) -> int:
         elif a.dp_replicate > 1:
             raise ConfigError(f"task.rollout_tp={o.rollout_tp} with task.actor.dp_replicate={a.dp_replicate}: "
                               "not supported yet (use dp_shard)")
+    from rlhf.rollout_engine import resolve_engine
+
+    resolve_engine(o.rollout_engine)
+    if o.rollout_engine != "plait" and o.actor.pp > 1 and not o.rollout_tp:
+        raise ConfigError(f"task.rollout_engine={o.rollout_engine} needs the weights without pipeline stages, but "
+                          f"task.actor.pp={o.actor.pp}: set task.rollout_tp (the 3D-HybridEngine gathers them)")
     for key in ("init_from", "critic_init_from", "reward_model_from"):
         check_checkpoint(f"task.{key}", getattr(o, key))
     if not o.reward_model_from:

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 
 from rlhf.batch import Batch
 from rlhf.dispatch import Mode, WorkerInfo, register
 from rlhf.logprobs import teacher_forced
 from rlhf.losses import LossScale
-from rlhf.pipeline_decode import PipelineDecoder
-from rlhf.rollout import sample
+from rlhf.rollout_engine import RolloutEngine, SamplingParams, named_weights, resolve_engine
 from rlhf.workers.base import Worker
 from rlhf.workers.objectives import log_prob_objective, pack, policy_objective
+from trainer.errors import ConfigError
 
 TEACHER_FORCED = ("input_ids", "prompts", "prompt_mask", "responses")
 
@@ -32,6 +35,7 @@ class ActorWorker(Worker):
 
     hybrid = None  # the 3D-HybridEngine's generation shards (task.rollout_tp), else None
     generation_info = None
+    _engine = None  # the rollout engine, built at the first rollout
 
     @register(Mode.ONE_TO_ALL)
     def init_model(self, _=None):
@@ -96,32 +100,44 @@ class ActorWorker(Worker):
     def generate(self, batch: Batch) -> Batch:
         """Sample one response per row of left-padded prompts (the driver repeats each prompt n times).
         meta: iteration, greedy (ReMax's baseline: temperature 0). Split by the generation layout's
-        data-parallel rank: with task.rollout_tp, the weights are resharded into it first (and the
-        generation copy released after)."""
+        data-parallel rank; the rollout engine (task.rollout_engine) loads the weights into that
+        layout first and releases what only generation needed after."""
         o = self.spec.options
         greedy = bool(batch.meta.get("greedy", False))
         info = self.generation_info or self.info
         gen = torch.Generator(device=self.device)
         gen.manual_seed(sampling_seed(self.spec.seed, int(batch.meta["iteration"]), info.dp_rank, int(greedy)))
         self.set_train(False)
-        if self.hybrid is not None:
-            self.hybrid.to_generation()
-            try:
-                return self._sample(self.hybrid.model, None, batch, gen, greedy)
-            finally:
-                self.hybrid.release()
-        decoder = None
-        if self.pipeline is not None:
-            decoder = PipelineDecoder.factory(self.pipeline, self.mesh["pp"].get_group(), self.spec.model, self.device)
-        return self._sample(self.model, decoder, batch, gen, greedy)
+        params = SamplingParams(o.max_new_tokens, 0.0 if greedy else o.temperature, o.top_k or None, o.top_p,
+                                self.spec.eos_id, self.spec.pad_id)
+        engine = self.rollout_engine()
+        engine.load_weights()
+        try:
+            return engine.generate(batch["prompts"], batch["prompt_mask"], params, gen).to("cpu")
+        finally:
+            engine.release()
 
-    def _sample(self, model, decoder, batch: Batch, gen: torch.Generator, greedy: bool) -> Batch:
-        o = self.spec.options
-        out = sample(model, batch["prompts"].to(self.device), o.max_new_tokens,
-                     attention_mask=batch["prompt_mask"].to(self.device), temperature=0.0 if greedy else o.temperature,
-                     top_k=o.top_k or None, top_p=o.top_p, eos_id=self.spec.eos_id, pad_id=self.spec.pad_id,
-                     generator=gen, decoder=decoder, device=self.device)
-        return out.to("cpu")
+    def rollout_engine(self) -> RolloutEngine:
+        if self._engine is None:
+            self._engine = resolve_engine(self.spec.options.rollout_engine)(self)
+        return self._engine
+
+    @contextlib.contextmanager
+    def generation_weights(self) -> Iterator[Iterator[tuple[str, torch.Tensor]]]:
+        """This rank's (name, tensor) pairs in the generation layout, for an external engine to load:
+        resharded by the 3D-HybridEngine under task.rollout_tp (the copy released on exit), else
+        the training weights themselves."""
+        if self.pipeline is not None and self.hybrid is None:
+            raise ConfigError("an external rollout engine needs the weights without pipeline stages: "
+                              "set task.rollout_tp (the 3D-HybridEngine gathers them)")
+        if self.hybrid is None:
+            yield named_weights(self.model, full=True)
+            return
+        self.hybrid.to_generation()
+        try:
+            yield named_weights(self.hybrid.model)
+        finally:
+            self.hybrid.release()
 
     @register(Mode.DP)
     def compute_log_prob(self, batch: Batch) -> Batch:

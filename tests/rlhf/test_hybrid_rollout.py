@@ -28,12 +28,13 @@ def prompts() -> Batch:
     return Batch(b.select("prompts", "prompt_mask").tensors, meta={"iteration": 2, "greedy": True})
 
 
-def generate_as_the_group_would(tp: int, rollout_tp: int, pp: int = 1, dp_shard: int = 1) -> dict:
-    """Every rank builds the actor; each generates the chunk the generation-mesh dispatch gives it."""
+def generate_as_the_group_would(tp: int, rollout_tp: int, pp: int = 1, dp_shard: int = 1, **options) -> dict:
+    """Every rank builds the actor; each generates the chunk the generation-mesh dispatch gives it
+    (`options`: more task options)."""
     world = tp * pp * dp_shard
     spec = WorkerSpec(role="actor", rank=int(os.environ.get("RANK", 0)), world_size=world, model=MODEL,
                       layout=ParallelConfig(tp=tp, pp=pp, microbatches=pp, dp_shard=dp_shard), optim=OptimConfig(), seed=7, device="cpu",
-                      options=RLHFOptions(max_new_tokens=5, rollout_tp=rollout_tp),
+                      options=RLHFOptions(max_new_tokens=5, rollout_tp=rollout_tp, **options),
                       master_port=int(os.environ.get("MASTER_PORT", 0)))
     actor = ActorWorker(spec)
     reported = actor.init_model()

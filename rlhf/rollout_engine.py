@@ -1,0 +1,103 @@
+"""The rollout engine: what generates the actor's responses (`task.rollout_engine`). Three calls per
+rollout, in this order, on every actor rank:
+
+    engine.load_weights()     the actor's current weights into the generation layout
+    engine.generate(...)      sample this rank's share of prompts (split by the generation dp rank)
+    engine.release()          give back what only generation needed (KV cache, generation copy)
+
+Plait's KV-cache engine (`plait`, the default) generates with the actor's own network, through the
+3D-HybridEngine's generation shards under `task.rollout_tp`, or stage to stage under pipeline
+parallelism. An external engine (vLLM, SGLang on GPUs) implements the same three calls: it reads
+`actor.generation_weights()` (this rank's (name, tensor) pairs of the generation layout) in
+`load_weights`, and is chosen with `task.rollout_engine=package.module:Class`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+
+from rlhf.batch import Batch
+from rlhf.pipeline_decode import PipelineDecoder
+from rlhf.rollout import sample
+from trainer.errors import ConfigError
+from trainer.registry import Registry
+
+ROLLOUT_ENGINES: Registry[type] = Registry("rollout engine", key="task.rollout_engine")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int
+    temperature: float  # 0: greedy
+    top_k: Optional[int]
+    top_p: float
+    eos_id: Optional[int]
+    pad_id: int
+
+
+class RolloutEngine:
+    """The interface; `actor` is the ActorWorker it generates for (its spec, device, layouts)."""
+
+    def __init__(self, actor):
+        self.actor = actor
+
+    def load_weights(self) -> None:
+        raise NotImplementedError
+
+    def generate(self, prompts: torch.Tensor, prompt_mask: torch.Tensor, params: SamplingParams,
+                 generator: torch.Generator) -> Batch:
+        """Left-padded prompts [B, P] → `rlhf.rollout.sample`'s Batch (responses, masks, log_probs)."""
+        raise NotImplementedError
+
+    def release(self) -> None:
+        raise NotImplementedError
+
+
+@ROLLOUT_ENGINES.register("plait")
+class KVCacheEngine(RolloutEngine):
+    """Plait's own: prefill once, then one token per step on a KV cache."""
+
+    def load_weights(self) -> None:
+        if self.actor.hybrid is not None:
+            self.actor.hybrid.to_generation()
+
+    def generate(self, prompts, prompt_mask, params: SamplingParams, generator) -> Batch:
+        a = self.actor
+        model, decoder = (a.hybrid.model, None) if a.hybrid is not None else (a.model, None)
+        if a.hybrid is None and a.pipeline is not None:
+            model, decoder = a.model, PipelineDecoder.factory(a.pipeline, a.mesh["pp"].get_group(), a.spec.model,
+                                                              a.device)
+        return sample(model, prompts.to(a.device), params.max_new_tokens, attention_mask=prompt_mask.to(a.device),
+                      temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, eos_id=params.eos_id,
+                      pad_id=params.pad_id, generator=generator, decoder=decoder, device=a.device)
+
+    def release(self) -> None:
+        if self.actor.hybrid is not None:
+            self.actor.hybrid.release()
+
+
+def resolve_engine(name: str) -> type:
+    """A registered name, or `package.module:Class` (a RolloutEngine subclass)."""
+    if ":" not in name:
+        return ROLLOUT_ENGINES.get(name)
+    module, _, attr = name.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as err:
+        raise ConfigError(f"task.rollout_engine={name!r} cannot be imported: {err}") from None
+    if not (isinstance(cls, type) and issubclass(cls, RolloutEngine)):
+        raise ConfigError(f"task.rollout_engine={name!r} is not a subclass of rlhf.rollout_engine.RolloutEngine")
+    return cls
+
+
+def named_weights(model: torch.nn.Module, full: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of a network: each rank's local shard, or with `full` each weight whole (a
+    collective on sharded weights: every rank iterates in the same order)."""
+    for name, tensor in model.state_dict().items():
+        if hasattr(tensor, "to_local"):
+            tensor = tensor.full_tensor() if full else tensor.to_local()
+        yield name, tensor
