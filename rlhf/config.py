@@ -49,6 +49,9 @@ class RLHFOptions(TaskOptions):
     backend: str = choice("ray", "local")  # local: every role in the driver process, world size 1 (a debugger works)
     # ray: each role on its own resource pool (split), or every role in one set of processes (colocate)
     placement: str = choice("split", "colocate")
+    # colocated roles move their parameters, gradients and optimizer state to host memory while
+    # another role of their process runs: auto = on GPUs; on (on a CPU host: a copy, to check it); off
+    offload_idle: str = choice("auto", "on", "off")
     init_from: str = ""  # an SFT or pretrain checkpoint (step dir or run's checkpoint dir); "" = random init
     critic_init_from: str = ""  # the critic's trunk (e.g. a task=rm checkpoint); "" = the actor's init_from
     reward_model_from: str = ""  # a task=rm checkpoint: score with a reward-model worker instead of `reward`

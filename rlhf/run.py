@@ -83,7 +83,9 @@ def start_groups(cfg: PlaitConfig, o: RLHFOptions, roles: list[str], vocab,
             colocate = o.placement == "colocate"
             processes = specs["actor"].world_size if colocate else sum(s.world_size for s in specs.values())
             cpus, gpus = worker_resources(cfg.device, processes)
-            pool = RayPool(processes, cpus, gpus, o.worker_timeout, name="colocated") if colocate else None
+            offload = colocate and (o.offload_idle == "on" or (o.offload_idle == "auto" and gpus > 0))
+            pool = RayPool(processes, cpus, gpus, o.worker_timeout, name="colocated", offload=offload) \
+                if colocate else None
             try:
                 for role in roles:
                     groups[role] = RayWorkerGroup(role, WORKER_CLASSES[role], specs[role], num_cpus=cpus,
@@ -243,8 +245,10 @@ def resident_line(groups: dict[str, WorkerGroup]) -> str:
     parts = []
     for role, g in groups.items():
         sizes = g.resident_bytes()
+        moved = max(r.get("offloaded", 0) for r in sizes)
         parts.append(f"{role} " + ", ".join(f"{k} {max(r[k] for r in sizes) / 2**20:.2f} MiB"
-                                            for k in ("params", "grads", "optimizer")))
+                                            for k in ("params", "grads", "optimizer"))
+                     + (f" (moved to host and back while idle: {moved / 2**20:.2f} MiB so far)" if moved else ""))
     return "resident per rank: " + "; ".join(parts)
 
 

@@ -85,6 +85,9 @@ def check_rlhf(cfg: PlaitConfig, launcher_world: Optional[int]) -> int:
         if len(set(sizes.values())) > 1:
             raise ConfigError("task.placement=colocate runs every role in one set of processes, so every role "
                               "needs as many: " + ", ".join(f"task.{r}: {n}" for r, n in sizes.items()))
+    if o.offload_idle == "on" and (o.placement != "colocate" or o.backend != "ray"):
+        raise ConfigError("task.offload_idle=on moves idle colocated roles to host memory: it needs "
+                          f"task.placement=colocate on task.backend=ray (got {o.placement} on {o.backend})")
     if o.backend == "ray" and importlib.util.find_spec("ray") is None:
         raise ConfigError("task.backend=ray needs Ray: pip install 'plait[rlhf]' (or task.backend=local)")
     derive_sizes(o, {r: layout_dims(getattr(o, r)).dp for r in roles if r in ("actor", "critic")})

@@ -39,8 +39,15 @@ class WorkerHost:
     """What runs inside each Ray actor: one worker per role it hosts (several when colocated: they
     share this process, its device and its process group), and calls their methods."""
 
+    PASSIVE = ("resident_bytes", "shutdown")  # calls that leave the device to whoever holds it
+
     def __init__(self):
         self.workers: dict[str, Any] = {}
+        self.offload, self.active = False, None
+
+    def enable_offload(self) -> None:
+        """Colocated roles: only the role being called keeps its state on the device."""
+        self.offload = True
 
     def address(self) -> tuple[str, int, int]:
         """(ip, a free port, pid): where this rank-0 host's process group will listen."""
@@ -59,10 +66,25 @@ class WorkerHost:
 
     def setup(self, role: str, worker_cls: type, spec: WorkerSpec) -> int:
         self.workers[role] = worker_cls(spec)
+        if self.offload:
+            from rlhf.workers.offload import Offloader
+
+            self.workers[role].offloader = Offloader(self.workers[role])
         return os.getpid()
+
+    def _activate(self, role: str) -> None:
+        if self.active == role:
+            return
+        for other, worker in self.workers.items():
+            if other != role:
+                worker.offloader.offload()
+        self.workers[role].offloader.onload()
+        self.active = role
 
     def call(self, role: str, method: str, data: Any) -> Any:
         try:
+            if self.offload and method not in self.PASSIVE:
+                self._activate(role)
             return getattr(self.workers[role], method)(data)
         except BaseException as err:  # the traceback as the worker saw it travels with the error
             err.worker_traceback = traceback.format_exc()
@@ -75,7 +97,7 @@ class RayPool:
     shares one with other roles (colocated, HybridFlow's default)."""
 
     def __init__(self, size: int, num_cpus: float = 1.0, num_gpus: float = 0.0, timeout: float = 600.0,
-                 name: str = "pool"):
+                 name: str = "pool", offload: bool = False):
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -97,6 +119,8 @@ class RayPool:
                        for r in range(size)]
         self.address = ray.get(self.actors[0].address.remote(), timeout=timeout)[:2]
         self.nodes = ray.get([a.node.remote() for a in self.actors], timeout=timeout)  # per rank
+        if offload:
+            ray.get([a.enable_offload.remote() for a in self.actors], timeout=timeout)
         self.roles: list[str] = []
 
     def close(self) -> None:

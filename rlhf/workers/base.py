@@ -72,6 +72,7 @@ class Worker:
         self._zero_states: tuple = ()
         self.objective = StagedObjective()  # what a pipeline's last stage computes, set per call
         self._ckpt_group = None
+        self.offloader = None  # rlhf/workers/offload.py's, for a colocated role that gives way while idle
 
     # --- building ---------------------------------------------------------------------------------
 
@@ -240,7 +241,8 @@ class Worker:
         state = self.optimizer.state.values() if self.optimizer is not None else []
         return {"params": sum(nbytes(p) for p in params),
                 "grads": sum(nbytes(p.grad) for p in params if p.grad is not None),
-                "optimizer": sum(nbytes(v) for st in state for v in st.values() if torch.is_tensor(v))}
+                "optimizer": sum(nbytes(v) for st in state for v in st.values() if torch.is_tensor(v)),
+                "offloaded": self.offloader.moved if self.offloader is not None else 0}
 
     @register(Mode.ONE_TO_ALL)
     def shutdown(self, _: Any = None) -> None:

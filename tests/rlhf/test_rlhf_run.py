@@ -136,15 +136,20 @@ def test_actor_exports_to_hugging_face_and_comes_back(sft_checkpoint, tmp_path):
     assert metrics(tmp_path / "again")[0]["eval/accuracy"] == metrics(tmp_path / "rl")[2]["eval/accuracy"]
 
 
-def test_colocated_roles_equal_split_placement(sft_checkpoint, tmp_path, ray_session):
+def test_colocated_roles_equal_split_placement(sft_checkpoint, tmp_path, ray_session, capsys):
     """task.placement=colocate: actor, reference and critic in one set of 2 processes (one process
-    group, one device each) give the same run as each role on its own 2 processes."""
+    group, one device each), each idle role's state moved out of the way and back
+    (task.offload_idle=on: on CPU a fresh copy each way), give the same run as each role on its own
+    2 processes."""
     common = ["task.algorithm=ppo", "task.use_kl_loss=true", f"task.init_from={sft_checkpoint}", "task.iterations=2",
               "task.actor.dp_shard=2", "task.reference.dp_shard=2", "task.critic.dp_shard=2"]
-    run_in_process(rlhf_config(tmp_path / "colocate", *common, "task.placement=colocate"))
+    run_in_process(rlhf_config(tmp_path / "colocate", *common, "task.placement=colocate", "task.offload_idle=on"))
+    resident = [line for line in capsys.readouterr().out.splitlines() if line.startswith("resident per rank")][-1]
     run_in_process(rlhf_config(tmp_path / "split", *common, "task.placement=split"))
     colocate, split = metrics(tmp_path / "colocate"), metrics(tmp_path / "split")
     assert colocate == split and colocate[2]["kl"] > 0 and "critic/vf_loss" in colocate[2]
+    for role in ("actor", "reference", "critic"):
+        assert f"{role} params" in resident and resident.split(f"{role} params")[1].split(";")[0].count("moved to host")
 
 
 def test_colocated_roles_need_one_size(tmp_path):
@@ -152,3 +157,5 @@ def test_colocated_roles_need_one_size(tmp_path):
 
     with pytest.raises(ConfigError, match="task.placement=colocate"):
         rlhf_config(tmp_path, "task.placement=colocate", "task.algorithm=ppo", "task.actor.dp_shard=2")
+    with pytest.raises(ConfigError, match="task.offload_idle=on"):
+        rlhf_config(tmp_path, "task.offload_idle=on")

@@ -1,0 +1,76 @@
+"""Idle colocated roles give their device memory back (HybridFlow's colocated pools; verl's
+parameter and optimizer offload): a role's parameters, gradients and optimizer state move to host
+memory while another role hosted by the same process runs, and back before its own next call."""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+
+HOST = torch.device("cpu")
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    t = t.to_local() if hasattr(t, "to_local") else t
+    return t.numel() * t.element_size()
+
+
+def state_bytes(parts: Iterable[nn.Module], optimizer: Optional[torch.optim.Optimizer]) -> int:
+    params = [p for part in parts for p in part.parameters()]
+    states = optimizer.state.values() if optimizer is not None else []
+    return (sum(_nbytes(p) + (_nbytes(p.grad) if p.grad is not None else 0) for p in params)
+            + sum(_nbytes(v) for st in states for v in st.values() if torch.is_tensor(v) and v.dim() > 0))
+
+
+@torch.no_grad()
+def move_state(parts: Iterable[nn.Module], optimizer: Optional[torch.optim.Optimizer], device: torch.device) -> int:
+    """Every parameter (with its gradient and buffers) and optimizer-state tensor onto `device`;
+    returns the bytes moved. Parameters keep their identity (the optimizer's references stay
+    valid; FSDP2 re-points its sharded storage after `_apply`). On a host that is its own device
+    each move is a fresh copy: nothing is saved, but the mechanism runs as it would on a GPU."""
+    parts = list(parts)
+    copy = all(p.device == device for part in parts for p in part.parameters())
+    moved = state_bytes(parts, optimizer)
+    for part in parts:
+        part._apply(lambda t: t.to(device, copy=copy))
+    if optimizer is not None:
+        for st in optimizer.state.values():
+            for key, value in st.items():
+                if torch.is_tensor(value) and value.dim() > 0:  # AdamW's `step` stays where it is
+                    st[key] = value.to(device, copy=copy)
+    if device.type == "cpu" and torch.cuda.is_available():
+        torch.cuda.empty_cache()  # what the idle role held goes back to the allocator's pool
+    return moved
+
+
+class Offloader:
+    """One worker's state between its device and host memory, with the bytes moved each way."""
+
+    def __init__(self, worker):
+        self.worker, self.on_host, self.moved = worker, False, 0
+
+    def reason_not(self) -> Optional[str]:
+        w = self.worker
+        if w.engine is not None:
+            return "DeepSpeed keeps its own partitions (use its offload_optimizer)"
+        if getattr(w, "hybrid", None) is not None:
+            return "its training shards live inside the generation buffers (task.rollout_tp)"
+        return None
+
+    def offload(self) -> int:
+        if self.on_host or not self.worker.parts or self.reason_not():  # not built yet, or pinned
+            return 0
+        self.on_host = True
+        moved = move_state(self.worker.parts, self.worker.optimizer, HOST)
+        self.moved += moved
+        return moved
+
+    def onload(self) -> int:
+        if not self.on_host:
+            return 0
+        self.on_host = False
+        moved = move_state(self.worker.parts, self.worker.optimizer, self.worker.device)
+        self.moved += moved
+        return moved
