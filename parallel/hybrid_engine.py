@@ -382,24 +382,35 @@ def fsdp_tp_block(param: torch.Tensor, rank: int) -> Block:
 
 
 class GatheredGenerationShards(GenerationCopy):
-    """The transition from an FSDP-sharded (and optionally tensor-parallel) training layout of
-    `world` ranks to generation under tp_g on groups of consecutive ranks (world / tp_g generation
-    replicas): weight by weight (layer by layer), each rank receives exactly the parts of its
-    generation shard that others hold — every pair of ranks on a weight's mesh exchanges the
-    intersection of one's training block with the other's generation block (point to point) — so
-    the extra memory stays within the generation shard plus one weight's pieces in flight
-    (`predicted_peak_bytes`), and no rank receives what its generation shard does not need."""
+    """The transition from an FSDP2-sharded (and optionally tensor-parallel) training layout of
+    `world` ranks to generation under tp_g, weight by weight (layer by layer): each rank receives
+    exactly the parts of its generation shard that others hold — every pair of ranks on a weight's
+    mesh exchanges the intersection of one's training block with the other's generation block,
+    point to point — so the extra memory stays within the generation shard plus one weight's
+    pieces in flight (`predicted_peak_bytes`).
+
+    The paper's grouping, for FSDP: ranks ordered by the rows they hold of a column-sharded weight
+    (position = tp_i·dp + dp_i; FSDP splits dim 0 of each tensor-parallel shard), generation tensor
+    rank = position // (world/t_g), so generation tensor groups take ranks at stride world/t_g and
+    a rank's generation shard contains its training block of every weight sharded along its
+    generation dimension (tensor-parallel ones included); for the others (FSDP's dim 0 against a
+    row-parallel dim 1) it holds a 1/t_g part of its block."""
 
     def __init__(self, train_model: nn.Module, world: int, t_g: int, build: Callable[[Optional[DeviceMesh]], nn.Module],
                  device: torch.device):
         if world % t_g:
             raise ValueError(f"tp_gen={t_g} must divide the {world} ranks")
         self.train_model, self.t_g, self.device = train_model, t_g, device
-        self.rank = dist.get_rank()
-        self.tp_rank, self.dp_rank, self.dp_size = self.rank % t_g, self.rank // t_g, world // t_g
+        self.rank, self.world, self.dp_size = dist.get_rank(), world, world // t_g
+        t = next((q.device_mesh.size(q.device_mesh.mesh_dim_names.index("tp")) for q in train_model.parameters()
+                  if isinstance(q, DTensor) and "tp" in (q.device_mesh.mesh_dim_names or ())), 1)
+        self.position = lambda rank: (rank % t) * (world // t) + rank // t  # noqa: E731  (rank = dp_i·t + tp_i)
+        self.tp_rank, self.dp_rank = divmod(self.position(self.rank), self.dp_size)
         mesh = None
         if t_g > 1:
-            mesh = DeviceMesh(device.type, torch.arange(world).reshape(-1, t_g), mesh_dim_names=("dp", "tp"))["tp"]
+            by_position = sorted(range(world), key=self.position)
+            arrangement = torch.tensor(by_position).reshape(t_g, self.dp_size).T  # row j: generation replica j
+            mesh = DeviceMesh(device.type, arrangement, mesh_dim_names=("dp", "tp"))["tp"]
         self.model = build(mesh)
         self.release()
         self.gen_dims = {n: _shard_dim(q) for n, q in self.model.named_parameters()}
@@ -410,12 +421,12 @@ class GatheredGenerationShards(GenerationCopy):
         self.peak_piece_bytes = 0
 
     def needed_block(self, param: torch.Tensor, name: str, rank: int) -> Block:
-        """The part of a weight a rank's generation shard holds (chunk rank % t_g along its dim)."""
+        """The part of a weight a rank's generation shard holds (chunk `gen_tp_rank` along its dim)."""
         block = [(0, n) for n in param.shape]
         dim = self.gen_dims[name]
         if dim is not None:
             n = param.shape[dim] // self.t_g
-            block[dim] = ((rank % self.t_g) * n, n)
+            block[dim] = ((self.position(rank) // self.dp_size) * n, n)
         return tuple(block)
 
     def predicted_peak_bytes(self) -> int:
