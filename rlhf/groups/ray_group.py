@@ -117,10 +117,16 @@ class RayPool:
                                     scheduling_strategy=PlacementGroupSchedulingStrategy(
                                         self.pg, placement_group_bundle_index=r)).remote()
                        for r in range(size)]
-        self.address = ray.get(self.actors[0].address.remote(), timeout=timeout)[:2]
-        self.nodes = ray.get([a.node.remote() for a in self.actors], timeout=timeout)  # per rank
-        if offload:
-            ray.get([a.enable_offload.remote() for a in self.actors], timeout=timeout)
+        try:
+            self.address = ray.get(self.actors[0].address.remote(), timeout=timeout)[:2]
+            self.nodes = ray.get([a.node.remote() for a in self.actors], timeout=timeout)  # per rank
+            if offload:
+                ray.get([a.enable_offload.remote() for a in self.actors], timeout=timeout)
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError) as err:
+            self.close()
+            what = f"no answer within task.worker_timeout={timeout:.0f}s" \
+                if isinstance(err, ray.exceptions.GetTimeoutError) else f"a worker process died: {err}"
+            raise WorkerFailure(name, 0, "start", f"its {size} worker processes did not start: {what}") from None
         self.roles: list[str] = []
 
     def close(self) -> None:
