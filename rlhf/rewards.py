@@ -5,7 +5,6 @@ A reward function takes one response: `fn(prompt: str, response: str, answer: st
 
 from __future__ import annotations
 
-import importlib
 from typing import Callable
 
 from rlhf.data.arithmetic import exact_match
@@ -32,13 +31,7 @@ def answer_prefix_reward(prompt: str, response: str, answer: str) -> float:
 
 def resolve_reward(name: str) -> RewardFn:
     """A registered name, or `package.module:function`."""
-    if ":" not in name:
-        return REWARDS.get(name)
-    module, _, attr = name.partition(":")
-    try:
-        fn = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as err:
-        raise ConfigError(f"task.reward={name!r} cannot be imported: {err}") from None
+    fn = REWARDS.resolve(name)
     if not callable(fn):
         raise ConfigError(f"task.reward={name!r} is not callable")
     return fn

@@ -14,7 +14,6 @@ parallelism. An external engine (vLLM, SGLang on GPUs) implements the same three
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -82,13 +81,7 @@ class KVCacheEngine(RolloutEngine):
 
 def resolve_engine(name: str) -> type:
     """A registered name, or `package.module:Class` (a RolloutEngine subclass)."""
-    if ":" not in name:
-        return ROLLOUT_ENGINES.get(name)
-    module, _, attr = name.partition(":")
-    try:
-        cls = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as err:
-        raise ConfigError(f"task.rollout_engine={name!r} cannot be imported: {err}") from None
+    cls = ROLLOUT_ENGINES.resolve(name)
     if not (isinstance(cls, type) and issubclass(cls, RolloutEngine)):
         raise ConfigError(f"task.rollout_engine={name!r} is not a subclass of rlhf.rollout_engine.RolloutEngine")
     return cls

@@ -8,10 +8,12 @@ functions, aggregation strategies, query strategies, learners.
     class StreamQ(StreamAgent): ...
 
     AGENTS.get(cfg.task.agent)   # unknown name -> ConfigError naming task.agent and the registered names
+    AGENTS.resolve("my_pkg.agents:MyAgent")   # or a registered name
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Callable, Generic, Iterator, Optional, TypeVar
 
 from trainer.errors import ConfigError
@@ -51,6 +53,17 @@ class Registry(Generic[T]):
         if name not in self._entries:
             raise ConfigError(self.unknown(name))
         return self._entries[name]
+
+    def resolve(self, name: str) -> T:
+        """A registered name, or `package.module:attr` (a user's own, imported now)."""
+        if ":" not in name:
+            return self.get(name)
+        module, _, attr = name.partition(":")
+        what = f"{self.key}={name!r}" if self.key else f"{self.kind} {name!r}"
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as err:
+            raise ConfigError(f"{what} cannot be imported: {err}") from None
 
     def unknown(self, name: str) -> str:
         """The message for a name nobody registered: the key, the value, what is allowed."""
