@@ -35,6 +35,13 @@ def test_a_multi_node_run_needs_ray_one_task_per_node_and_its_own_cluster(tmp_pa
         rlhf_config(tmp_path, *RUN[1:], *SLURM, *overrides)
 
 
+def test_the_job_asks_for_one_task_per_node(tmp_path):
+    proc = plait_process(*RUN, "launcher=slurm", "launcher.nodes=3", "launcher.dry_run=true", cwd=tmp_path, tiny=False)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "#SBATCH --nodes=3" in out and "#SBATCH --ntasks-per-node=1" in out
+
+
 def test_a_step_with_several_tasks_on_a_node_is_refused(tmp_path, monkeypatch):
     from trainer.config import validate_run
 
