@@ -11,10 +11,12 @@ only; going back to training needs no communication. Generation tensor groups ta
 stride r (the paper's example: training 1-4-2, TP [0-3], [4-7] → generation 1-2-2-2, TP [0,2],
 [1,3], [4,6], [5,7]; micro-DP [0,1], [2,3], [4,5], [6,7]).
 
-This module holds the grouping and the paper's cost formulas (pure), and `GenerationShards`, the
-transition for tensor-parallel training layouts (pp = 1, no FSDP): it builds the generation
-network under tp_g and fills it from the training shards with one all-gather per parameter inside
-the micro-DP group, counting the bytes it moves.
+This module holds the grouping and the paper's cost formulas (pure), and three transitions:
+`GenerationShards` for tensor-parallel training layouts (all-gathers inside micro-DP groups,
+bucketed, straight into the generation buffer), `StagedGenerationShards` for pipeline ×
+tensor-parallel ones (broadcasts inside micro-DP groups spanning the stages) — both optionally
+resident (zero redundancy) — and `GatheredGenerationShards` for FSDP2-sharded ones (point-to-point
+exchange of block intersections, weight by weight, with a predicted peak).
 """
 
 from __future__ import annotations
@@ -402,9 +404,8 @@ class GatheredGenerationShards(GenerationCopy):
             raise ValueError(f"tp_gen={t_g} must divide the {world} ranks")
         self.train_model, self.t_g, self.device = train_model, t_g, device
         self.rank, self.world, self.dp_size = dist.get_rank(), world, world // t_g
-        t = next((q.device_mesh.size(q.device_mesh.mesh_dim_names.index("tp")) for q in train_model.parameters()
-                  if isinstance(q, DTensor) and "tp" in (q.device_mesh.mesh_dim_names or ())), 1)
-        self.position = lambda rank: (rank % t) * (world // t) + rank // t  # noqa: E731  (rank = dp_i·t + tp_i)
+        self.t = next((q.device_mesh.size(q.device_mesh.mesh_dim_names.index("tp")) for q in train_model.parameters()
+                       if isinstance(q, DTensor) and "tp" in (q.device_mesh.mesh_dim_names or ())), 1)
         self.tp_rank, self.dp_rank = divmod(self.position(self.rank), self.dp_size)
         mesh = None
         if t_g > 1:
@@ -420,8 +421,14 @@ class GatheredGenerationShards(GenerationCopy):
                 raise RuntimeError(f"{name}: holds {tuple(_local(param).shape)}, the FSDP×TP block rule says {held}")
         self.peak_piece_bytes = 0
 
+    def position(self, rank: int) -> int:
+        """Where a rank's rows of a column-sharded weight sit among all ranks': tp_i·dp + dp_i
+        (rank = dp_i·t + tp_i; FSDP splits each tensor-parallel shard's dim 0 dp ways)."""
+        return (rank % self.t) * (self.world // self.t) + rank // self.t
+
     def needed_block(self, param: torch.Tensor, name: str, rank: int) -> Block:
-        """The part of a weight a rank's generation shard holds (chunk `gen_tp_rank` along its dim)."""
+        """The part of a weight a rank's generation shard holds: chunk position // (world/t_g) along
+        its generation dimension (all of it when replicated)."""
         block = [(0, n) for n in param.shape]
         dim = self.gen_dims[name]
         if dim is not None:
