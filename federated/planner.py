@@ -2,7 +2,9 @@
 which weight matrices to adapt, and per client the rank of each adapter, the batch size and the
 base model's quantization bits, under each client's memory and round-time budget.
 
-FedPipe's exact program is not public; this is the formulation documented in docs/federated.md:
+FedPipe's exact program is not public; this is the formulation documented in docs/federated.md
+(`task.plan_modules=target`, the default, fixes u_m = 1 on task.target_modules; `importance`
+lets the program choose up to task.max_modules):
 
     importance   I_m = Σ |w ⊙ ∂L/∂w| over weight matrix m on a calibration batch, normalised to Σ_m I_m = 1
     variables    u_m ∈ {0,1} adapt module m;  x_kmr ∈ {0,1} client k gives m rank r;
@@ -138,7 +140,7 @@ class Problem:
         return flops / (REFERENCE_FLOPS * prof.speed) + comm
 
     def objective(self, choices: Sequence[tuple[int, int, Mapping[str, int]]]) -> float:
-        """The value maximised for per-client (batch, bits, ranks)."""
+        """Σ_k p_k [Σ_m I_m·v(r_km) + β·b_k/b_max − π(q_k)] − λ·max_k t_k/T_ref of per-client (b, q, ranks)."""
         total = 0.0
         for k, (b, q, ranks) in enumerate(choices):
             total += self.shares[k] * (sum(self.importance[m] * self.value(r) for m, r in ranks.items())
