@@ -1,6 +1,7 @@
 """RLHF on a Ray cluster inside a Slurm job (trainer/launch/ray_cluster.py): `launcher=slurm` on
-the local two-node cluster starts a Ray head and a Ray worker node, the actor's workers span both,
-the run equals the same run on one local Ray, and every node's Ray is stopped at the end."""
+the local two-node cluster starts a Ray head and a Ray worker node, the actor's workers span both
+(training under tp=2, generating under tp=1 through the 3D-HybridEngine, across the nodes), the run
+equals the same run on one local Ray, and every node's Ray is stopped at the end."""
 
 import subprocess
 
@@ -11,7 +12,8 @@ from rlhf_harness import SMALL, metrics, ray_session, rlhf_config, run_in_proces
 from trainer.config import ConfigError
 from trainer.launch.ray_cluster import HEAD_PORT_BASE, HEAD_PORT_SPAN, head_port
 
-RUN = ["task=rlhf", "task.algorithm=grpo", "task.actor.dp_shard=2", "task.iterations=2", "checkpoint.every=1"]
+RUN = ["task=rlhf", "task.algorithm=grpo", "task.actor.tp=2", "task.rollout_tp=1", "task.iterations=2",
+       "checkpoint.every=1"]
 SLURM = ["launcher=slurm", "launcher.nodes=2", "launcher.timeout_min=10"]
 
 
