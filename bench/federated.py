@@ -26,6 +26,7 @@ configs/task/federated.yaml (0.8M parameters, 4 clients, int8 base unless the pl
 
     .venv/bin/python bench/federated.py [--rounds 10] [--out runs/bench-federated]
         [--only aggregators,gap,planner,overhead]   (gap needs aggregators: it reuses the svd run)
+        [--planner-seeds 0,1,2]                     ((3): the seeds each arm runs at)
 """
 
 from __future__ import annotations
