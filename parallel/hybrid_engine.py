@@ -388,8 +388,11 @@ class GatheredGenerationShards(GenerationCopy):
     `world` ranks to generation under tp_g, weight by weight (layer by layer): each rank receives
     exactly the parts of its generation shard that others hold — every pair of ranks on a weight's
     mesh exchanges the intersection of one's training block with the other's generation block,
-    point to point — so the extra memory stays within the generation shard plus one weight's
-    pieces in flight (`predicted_peak_bytes`).
+    point to point; under FSDP alone, a weight whose generation block is its FSDP shards in order
+    (column-parallel or replicated in generation, even shards) is one bucketed all-gather instead,
+    inside the world/t_g ranks sharing a generation tensor rank (or all ranks) — so the extra
+    memory stays within the generation shard plus one weight's pieces in flight
+    (`predicted_peak_bytes`).
 
     The paper's grouping, for FSDP: ranks ordered by the rows they hold of a column-sharded weight
     (position = tp_i·dp + dp_i; FSDP splits dim 0 of each tensor-parallel shard), generation tensor
@@ -420,6 +423,12 @@ class GatheredGenerationShards(GenerationCopy):
             if held != tuple(_local(param).shape):
                 raise RuntimeError(f"{name}: holds {tuple(_local(param).shape)}, the FSDP×TP block rule says {held}")
         self.peak_piece_bytes = 0
+        self.micro_group = None  # FSDP alone: the world/t_g consecutive ranks that share a generation tensor rank
+        if self.t == 1 and t_g < world:
+            for k in range(t_g):  # every rank creates every group, in the same order
+                group = dist.new_group(list(range(k * self.dp_size, (k + 1) * self.dp_size)))
+                if k == self.tp_rank:
+                    self.micro_group = group
 
     def position(self, rank: int) -> int:
         """Where a rank's rows of a column-sharded weight sit among all ranks': tp_i·dp + dp_i
@@ -438,11 +447,12 @@ class GatheredGenerationShards(GenerationCopy):
 
     def predicted_peak_bytes(self) -> int:
         """Extra memory while resharding: the generation shard, plus one weight's pieces in flight
-        (at most its generation shard received and its training shard sent)."""
+        (point to point: at most its generation shard received and its training shard sent; an
+        all-gather: two buckets, or its generation shard staged by gloo)."""
         gen = dict(self.model.named_parameters())
         nbytes = lambda q: _local(q).numel() * _local(q).element_size()  # noqa: E731
-        return sum(self._gen_bytes(q, n) for n, q in gen.items()) + max(
-            self._gen_bytes(gen[n], n) + nbytes(q) for n, q in self.train_model.named_parameters())
+        in_flight = max(self._gen_bytes(gen[n], n) + nbytes(q) for n, q in self.train_model.named_parameters())
+        return sum(self._gen_bytes(q, n) for n, q in gen.items()) + max(in_flight, 2 * GATHER_BUCKET_BYTES)
 
     def _gen_bytes(self, gen_param: torch.Tensor, name: str) -> int:
         return gen_param.numel() * gen_param.element_size() // (self.t_g if self.gen_dims[name] is not None else 1)
@@ -453,8 +463,26 @@ class GatheredGenerationShards(GenerationCopy):
         received = 0
         gen = dict(self.model.named_parameters())
         for name, param in self.train_model.named_parameters():
-            received += self._reshard(param.detach(), name, _allocated(gen[name]))
+            target = _allocated(gen[name])
+            group = self._gather_group(param, name)
+            if group is False:
+                received += self._reshard(param.detach(), name, target)
+                continue
+            members = self.dp_size if group is not None else self.world
+            local = _local(param.detach())
+            gather_into(target, local, 0, group, members)
+            received += local.numel() * local.element_size() * (members - 1)
         return received
+
+    def _gather_group(self, param: torch.Tensor, name: str):
+        """When a weight's generation block is its FSDP shards concatenated over a group (FSDP alone,
+        even shards): the micro group (sharded along dim 0 in generation) or None, the world
+        (replicated in generation); else False (point to point)."""
+        if self.t != 1 or not isinstance(param, DTensor) or param.shape[0] % self.world:
+            return False
+        if self.gen_dims[name] == 0 and self.micro_group is not None:
+            return self.micro_group
+        return None if self.gen_dims[name] is None else False
 
     def _reshard(self, param: torch.Tensor, name: str, target: torch.Tensor) -> int:
         """One weight: this rank's own part copied, the others' received, its part of theirs sent."""
