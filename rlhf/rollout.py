@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Callable, Optional, Sequence, Union
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from parallel.tensor import plain_tensor
@@ -67,6 +68,15 @@ class CachedDecoder:
 Decoder = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def all_done(done: torch.Tensor, group: Optional[dist.ProcessGroup] = None) -> bool:
+    """Every row finished, here and (with `group`) on every rank of the group."""
+    if group is None:
+        return bool(done.all())
+    pending = (~done).any().to(torch.int32).reshape(1)
+    dist.all_reduce(pending, op=dist.ReduceOp.MAX, group=group)
+    return not bool(pending.item())
+
+
 @torch.no_grad()
 def sample(
     model: nn.Module,
@@ -84,6 +94,7 @@ def sample(
     generator: Optional[torch.Generator] = None,
     decoder: Optional[Callable[[int, int], Decoder]] = None,
     device: Optional[torch.device] = None,
+    agree_group: Optional[dist.ProcessGroup] = None,
 ) -> Batch:
     """Sample `n` responses per prompt (rows i*n .. i*n+n-1 answer prompt i); greedy when
     temperature == 0 (ReMax's baseline; its log-probs are then those of the unscaled logits).
@@ -97,6 +108,9 @@ def sample(
     and meta {"temperature", "top_k", "top_p"}; log_probs[t] = log_softmax(logits / T)[response[t]].
     `decoder(rows, max_len)` makes what runs the model (default: `CachedDecoder` on `model`;
     rlhf/pipeline_decode.py's through pipeline stages, where `model` is None and `device` is given).
+    `agree_group`: ranks whose forward passes communicate (FSDP's gathers) but which hold different
+    prompts; decoding stops early only once every one of them is done, so none waits on a peer
+    that has stopped.
     """
     if max_new_tokens < 1 or n < 1 or temperature < 0:
         raise ValueError(f"need max_new_tokens >= 1, n >= 1, temperature >= 0; got {max_new_tokens}, {n}, {temperature}")
@@ -132,7 +146,7 @@ def sample(
         response_mask[:, t] = live
         log_probs[:, t] = torch.where(live, scaled.log_softmax(-1).gather(-1, nxt[:, None]).squeeze(-1), 0.0)
         done |= live & torch.isin(nxt, stops)
-        if bool(done.all()) or t == max_new_tokens - 1:
+        if t == max_new_tokens - 1 or all_done(done, agree_group):
             break
         pos = pos + 1
         # finished rows keep decoding padding: their outputs are masked, and it keeps the batch whole

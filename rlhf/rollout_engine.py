@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import torch
+import torch.distributed as dist
 
 from rlhf.batch import Batch
 from rlhf.pipeline_decode import PipelineDecoder
@@ -70,9 +71,12 @@ class KVCacheEngine(RolloutEngine):
         if a.hybrid is None and a.pipeline is not None:
             model, decoder = a.model, PipelineDecoder.factory(a.pipeline, a.mesh["pp"].get_group(), a.spec.model,
                                                               a.device)
+        # the training layout's forward may gather across ranks holding other prompts (FSDP): they
+        # stop together; the generation layout's tensor groups share their prompts and need not
+        agree = dist.group.WORLD if a.hybrid is None and dist.is_initialized() and dist.get_world_size() > 1 else None
         return sample(model, prompts.to(a.device), params.max_new_tokens, attention_mask=prompt_mask.to(a.device),
                       temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, eos_id=params.eos_id,
-                      pad_id=params.pad_id, generator=generator, decoder=decoder, device=a.device)
+                      pad_id=params.pad_id, generator=generator, decoder=decoder, device=a.device, agree_group=agree)
 
     def release(self) -> None:
         if self.actor.hybrid is not None:

@@ -47,7 +47,7 @@ class ActorWorker(Worker):
                                             StagedGenerationShards, hybrid_groups, pipeline_owner)
 
         layout = self.spec.layout
-        if layout.dp_shard > 1:  # FSDP-sharded: one weight gathered at a time, sliced to the generation shard
+        if layout.dp_shard > 1:  # FSDP-sharded: weight by weight, each rank receives what its generation shard lacks
             self.hybrid = GatheredGenerationShards(self.model, self.spec.world_size, o.rollout_tp,
                                                    self._generation_network, self.device)
             h = self.hybrid
@@ -58,7 +58,8 @@ class ActorWorker(Worker):
             self.hybrid = GenerationShards(self.model, lay, self._generation_network, self.device, resident=True)
         else:  # generation without stages: every rank receives the other stages' layers at its shard
             self.hybrid = StagedGenerationShards(self.parts[0], lay, self._generation_network, self.device,
-                                                 pipeline_owner(self.spec.model.n_layers, layout.pp, layout.virtual_stages))
+                                                 pipeline_owner(self.spec.model.n_layers, layout.pp, layout.virtual_stages),
+                                                 resident=True)
         groups = hybrid_groups(lay)
         tp_rank = next(g.index(self.spec.rank) for g in groups.generation_tp if self.spec.rank in g)
         self.generation_info = WorkerInfo(self.spec.rank, groups.generation_dp_rank[self.spec.rank],

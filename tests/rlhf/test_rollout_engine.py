@@ -4,6 +4,7 @@ engine generates: greedy tokens on one process, under FSDP and through the 3D-Hy
 whole GRPO run, bit for bit (new weights reach it every iteration). Bad names are refused."""
 
 import functools
+import os
 
 import numpy as np
 import pytest
@@ -14,7 +15,8 @@ from rlhf.rollout_engine import RolloutEngine
 from rlhf.workers import ActorWorker
 from rlhf.workers.base import WorkerSpec
 from rlhf_harness import metrics, rlhf_config, run_in_process
-from test_hybrid_rollout import MODEL, generate_as_the_group_would, one_process, prompts
+from rlhf.batch import Batch
+from test_hybrid_rollout import MODEL, PROMPTS, generate_as_the_group_would, one_process, prompts
 from trainer.config import ConfigError, OptimConfig, ParallelConfig
 from trainer.launch.forked import run_ranks
 from trainer.models import build_model
@@ -78,3 +80,31 @@ def test_grpo_with_an_external_engine_equals_plaits_engine(tmp_path):
 def test_an_engine_that_cannot_run_is_refused_naming_what_is_allowed(tmp_path, overrides, words):
     with pytest.raises(ConfigError, match=words):
         rlhf_config(tmp_path, *overrides)
+
+
+def fsdp_generate(eos_id: int, rows: list[list[str]]) -> dict:
+    """FSDP over 2 ranks, generating in the training layout; rank r gets prompts rows[r]."""
+    from rlhf.data.prompts import build_vocabulary, prompt_batch
+
+    rank = int(os.environ["RANK"])
+    spec = WorkerSpec(role="actor", rank=rank, world_size=2, model=MODEL, layout=ParallelConfig(dp_shard=2),
+                      optim=OptimConfig(), options=RLHFOptions(max_new_tokens=5), seed=7, device="cpu", eos_id=eos_id,
+                      master_port=int(os.environ["MASTER_PORT"]))
+    actor = ActorWorker(spec)
+    actor.init_model()
+    vocab = build_vocabulary(RLHFOptions().prompts)
+    b = prompt_batch([{"prompt": p, "answer": ""} for p in rows[rank]], vocab)
+    out = actor.generate(Batch(b.select("prompts", "prompt_mask").tensors, meta={"iteration": 2, "greedy": True}))
+    return {"responses": out["responses"].numpy(), "mask": out["response_mask"].numpy()}
+
+
+def test_ranks_that_finish_early_keep_decoding_while_their_fsdp_peers_need_them():
+    """Rank 0's prompt ends at its first token (made the end token); rank 1's runs on. Stopping
+    rank 0 early would leave rank 1 waiting in FSDP's gather forever."""
+    first = one_process()[:, 0]
+    pairs = [(a, b) for a in range(len(PROMPTS)) for b in range(len(PROMPTS)) if first[a] not in one_process()[b]]
+    a, b = pairs[0]
+    eos = int(first[a])
+    outs = run_ranks(2, fsdp_generate, eos, [[PROMPTS[a]], [PROMPTS[b]]], init_pg=False, timeout=120)
+    assert outs[0]["mask"].sum() == 1 and outs[1]["mask"].sum() == 5  # one ended at once, the other ran on
+    np.testing.assert_array_equal(outs[1]["responses"], one_process()[b:b + 1])
