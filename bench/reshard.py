@@ -322,9 +322,7 @@ def grpo_seconds(rollout_tp: int, iterations: int) -> dict:
     """`plait task=rlhf task.algorithm=grpo` with the actor at tp=2 × dp_shard=2 (4 ranks; rollout_tp
     takes FSDP-sharded or pure tensor-parallel actors, not dp_replicate): the median
     iteration's seconds (the driver's stage times summed) and its generation stage's, after the
-    first (warm-up) iteration, from the run's metrics.jsonl. A Ray of its own (RAY_ADDRESS=local).
-    Keep `iterations` at 5: without rollout_tp this layout hangs in the 6th iteration's generation
-    (a rank whose rows all finished stops decoding while its FSDP peer still all-gathers)."""
+    first (warm-up) iteration, from the run's metrics.jsonl. A Ray of its own (RAY_ADDRESS=local)."""
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [os.path.join(os.path.dirname(sys.executable), "plait"), "task=rlhf", "task.algorithm=grpo",
                "task.actor.tp=2", "task.actor.dp_shard=2", f"task.rollout_tp={rollout_tp}",
