@@ -8,10 +8,10 @@ configs/task/federated.yaml (0.8M parameters, 4 clients, int8 base unless the pl
     client, the same total steps, the same adapters) minus federated (svd strategy) after R rounds,
     at Dirichlet α = 1.0 and α = 0.1. Goals ≤ 2 and ≤ 5 points.
 (3) planner_time_cut, planner_acc_delta: clients of 1×, 2× and 4× relative speed; the MILP's plan
-    (ranks, batch, bits per client on the user's wq, wv: task.plan_modules=target, the default)
-    against uniform ranks (task.rank on wq, wv at task.batch_size and 8 bits for all), each at seeds
-    0, 1, 2; `planner.importance_modules_*`: the same program choosing up to 8 modules by importance
-    (plan_modules=importance); `planner.uniform_float_*`: uniform on a float base. Round time of a
+    (up to 8 modules chosen by importance, ranks, batch, bits per client: the defaults) against
+    uniform ranks (task.rank on wq, wv at task.batch_size and 8 bits for all), each at seeds 0, 1, 2,
+    on the pretrained base (task.base_pretrain_steps); `planner.target_modules_*`: the same program
+    on the user's wq, wv (plan_modules=target); `planner.uniform_float_*`: uniform on a float base. Round time of a
     client = its measured compute / its speed + adapter bytes / its bandwidth; the cut is
     1 − (slowest client's round time, planner) / (same, uniform), each the mean over rounds 2..R and
     seeds; accuracy: the final round's on 4,096 held-out samples, mean over seeds. Goal ≥ 30% with
@@ -176,8 +176,17 @@ def plain_model():
     from trainer.models import build_model
 
     cache = _cache()
-    if "base" not in cache:
+    if "base" not in cache:  # the base Plait's clients fine-tune (pretrained as task.base_pretrain_steps says)
+        from federated.config import FederatedConfig
+        from federated.data import TaskSpec
+        from federated.model import base_weights
+        from federated.pretrain import Pretraining
+
+        steps = TASK.get("base_pretrain_steps", FederatedConfig().base_pretrain_steps)
         cache["base"] = build_model(ModelConfig(**MODEL), seed=0)
+        if steps:
+            pre = Pretraining(steps, TaskSpec(4, 16, MODEL["vocab_size"], 0.3))
+            cache["base"].load_state_dict(base_weights(ModelConfig(**MODEL), 0, pre))
     torch.manual_seed(0)
     model = copy.deepcopy(cache["base"])
     quantize(model, weights=qint8, exclude=["output"])
@@ -216,13 +225,18 @@ def main():
     ap.add_argument("--only", default="aggregators,gap,planner,overhead",
                     help="comma-separated parts: aggregators (also bytes), gap, planner, overhead")
     ap.add_argument("--planner-seeds", default="0,1,2", help="(3): seeds each arm runs at (accuracy: their mean)")
+    ap.add_argument("--base-pretrain-steps", type=int, default=None,
+                    help="task.base_pretrain_steps of every run (default: the config's)")
     args = ap.parse_args()
+    if args.base_pretrain_steps is not None:
+        TASK["base_pretrain_steps"] = args.base_pretrain_steps
     torch.set_num_threads(1)
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     out = Path(args.out or tempfile.mkdtemp(prefix="bench-federated-"))
     out.mkdir(parents=True, exist_ok=True)
     R, K, S = args.rounds, TASK["num_clients"], TASK["local_steps"]
-    report: dict = {"bench": "federated", "rounds": R, "clients": K, "local_steps": S}
+    report: dict = {"bench": "federated", "rounds": R, "clients": K, "local_steps": S,
+                    "base_pretrain_steps": config(out).task.base_pretrain_steps}
     t0 = time.perf_counter()
 
     parts = set(args.only.split(","))
@@ -297,9 +311,9 @@ def planner(out: Path, R: int, K: int, seeds: list[int]) -> dict:
     clients = [{"speed": s, "bandwidth_mbps": 100.0, "memory_mib": 512.0} for s in PLANNER_SPEEDS]
     common = {"clients": clients, "rounds": R, "strategy": "svd", "test_samples": PLANNER_TEST_SAMPLES}
     arms = {"uniform": {"planner": "uniform"},  # task.rank on wq, wv at task.batch_size, 8-bit base, for all
-            "planner": {"planner": "milp", **PLANNER_CHOICES},  # ranks, batch, bits on the user's wq, wv
-            # FedPipe's module choice by importance (task.plan_modules=importance, up to 8 modules)
-            "importance": {"planner": "milp", "plan_modules": "importance", "max_modules": 8, **PLANNER_CHOICES},
+            # FedPipe: modules by importance (up to task.max_modules = 8), ranks, batch, bits (the defaults)
+            "planner": {"planner": "milp", **PLANNER_CHOICES},
+            "target": {"planner": "milp", "plan_modules": "target", **PLANNER_CHOICES},  # on the user's wq, wv
             # uniform on a float base: how much of the cut is the bits' and how much the batch's
             "uniform_float": {"planner": "uniform", "bits": 32}}
     run_local(out / "planner-warmup", **{**common, "rounds": 1})
@@ -329,14 +343,14 @@ def planner(out: Path, R: int, K: int, seeds: list[int]) -> dict:
         "accuracy": macc["planner"], "uniform_accuracy": macc["uniform"],
         "accuracy_per_seed": acc["planner"], "uniform_accuracy_per_seed": acc["uniform"],
         "acc_delta_per_seed": [100 * (a - b) for a, b in zip(acc["planner"], acc["uniform"])],
-        "importance_modules_time_cut": 1 - mean["importance"] / mean["uniform"],
-        "importance_modules_acc_delta": 100 * (macc["importance"] - macc["uniform"]),
-        "importance_accuracy_per_seed": acc["importance"],
+        "target_modules_time_cut": 1 - mean["target"] / mean["uniform"],
+        "target_modules_acc_delta": 100 * (macc["target"] - macc["uniform"]),
+        "target_accuracy_per_seed": acc["target"],
         "plan_png": str(out / "planner-seed0" / "plan.png")}
     from federated.plots import plot_plan
     from federated.run import make_plan
 
-    for arm in ("planner", "importance"):
+    for arm in ("planner", "target"):
         cfg = config(out / f"{arm}-seed0", **common, **arms[arm])
         plans, pb, sol = make_plan(cfg, lambda s: None)
         plot_plan(out / f"{arm}-seed0" / "plan.png", pb, sol)

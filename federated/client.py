@@ -172,7 +172,10 @@ def train_round(req: Request, c, model_cfg, seed: int) -> Reply:
         state.base[name] = state.base[name] + pair.delta()
     state.base_round = torch.tensor(req.round - 1)
 
-    net = fm.client_model(model_cfg, seed, state.base, req.plan.bits, req.adapters, c.lora_alpha_ratio, c.base)
+    from federated.pretrain import of as pretraining
+
+    net = fm.client_model(model_cfg, seed, state.base, req.plan.bits, req.adapters, c.lora_alpha_ratio, c.base,
+                          pretraining(c, model_cfg))
     params = fm.lora_parameters(net)
     if req.freeze_A:
         for name, p in params.items():

@@ -34,6 +34,10 @@ class FederatedConfig(TaskOptions):
     # the network every client fine-tunes, built from model.* and the seed: a Plait Llama, or the same
     # weights as a Hugging Face LlamaForCausalLM (target modules may be named either way: wq or q_proj)
     base: str = choice("plait", "hf")
+    # FedPipe fine-tunes a pretrained model: this many AdamW steps first train the seed-built base
+    # centrally on other topics (keywords disjoint from the task's; federated/pretrain.py), cached on
+    # disk; 0 = the seed's initialisation (on which importance misranks the modules: docs/federated.md)
+    base_pretrain_steps: int = bounded(1000, ge=0)
     num_clients: int = bounded(4, ge=1)
     rounds: int = bounded(5, ge=1)
     strategy: str = "svd"  # federated/aggregation.py STRATEGIES: fedit | ffa | flora | svd | hetlora | fedex
@@ -62,11 +66,11 @@ class FederatedConfig(TaskOptions):
     rank_choices: list[int] = field(default_factory=lambda: [2, 4, 8])
     batch_choices: list[int] = field(default_factory=lambda: [8, 16])
     bits_choices: list[int] = field(default_factory=lambda: [4, 8, 32])
-    max_modules: int = bounded(4, ge=1)  # plan_modules=importance: modules the planner may adapt
-    # which modules the MILP adapts: exactly task.target_modules (it plans ranks, batch and bits per
-    # client, importance weighting each module's rank), or up to max_modules chosen by importance
-    # (FedPipe's selection; on the seed-built base it picks wo/wv over wq and learns slower: docs/federated.md)
-    plan_modules: str = choice("target", "importance")
+    max_modules: int = bounded(8, ge=1)  # plan_modules=importance: modules the planner may adapt
+    # which modules the MILP adapts: up to max_modules chosen by importance (FedPipe's selection), or
+    # exactly task.target_modules (it plans ranks, batch and bits per client, importance weighting
+    # each module's rank); task.planner=uniform always uses task.target_modules
+    plan_modules: str = choice("importance", "target")
     calibration_samples: int = bounded(64, ge=1)  # importance Σ|w·∂L/∂w| from this many samples
     balance_weight: float = bounded(0.1, ge=0)  # λ of −λ·T_max in the objective (round-time balance)
     clients: list[ClientProfile] = field(default_factory=list)  # one per client, or none for defaults

@@ -54,13 +54,17 @@ def keywords(spec: TaskSpec, seed: int) -> torch.Tensor:
 
 def generate(spec: TaskSpec, n: int, seed: int, task_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens [n, seq_len], labels [n]): balanced labels, keyword sets from `task_seed`, the rest from `seed`."""
-    kw = keywords(spec, task_seed)
+    return generate_with(spec, keywords(spec, task_seed), n, seed)
+
+
+def generate_with(spec: TaskSpec, kw: torch.Tensor, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`generate` on given keyword sets kw [C, k] (class c's keywords in row c)."""
     g = torch.Generator().manual_seed(seed)
     labels = torch.arange(n) % spec.num_classes
     labels = labels[torch.randperm(n, generator=g)]
     body = spec.seq_len - 1
     filler = torch.randint(spec.first_content, spec.vocab_size, (n, body), generator=g)
-    pick = kw[labels[:, None], torch.randint(0, KEYWORDS_PER_CLASS, (n, body), generator=g)]
+    pick = kw[labels[:, None], torch.randint(0, kw.shape[1], (n, body), generator=g)]
     use = torch.rand(n, body, generator=g) < spec.keyword_prob
     tokens = torch.where(use, pick, filler)
     tokens = torch.cat([tokens, torch.full((n, 1), QUERY)], dim=1)

@@ -30,20 +30,26 @@ HF_NAMES = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj", "w1"
 _BASES: dict[str, dict[str, Tensor]] = {}  # (config, seed) → initial weights, built once per process
 
 
-def base_weights(cfg: ModelConfig, seed: int) -> dict[str, Tensor]:
-    """W0: the initial weights of `cfg` under `seed` (Plait's names), the same in every process."""
+def base_weights(cfg: ModelConfig, seed: int, pretrain=None) -> dict[str, Tensor]:
+    """W0 (Plait's names), the same in every process: the initial weights of `cfg` under `seed`, or
+    with `pretrain` (a federated.pretrain.Pretraining, `task.base_pretrain_steps`) those after it."""
     from dataclasses import asdict
 
     from trainer.models import build_model
 
-    key = json.dumps([asdict(cfg), seed], sort_keys=True)
+    key = json.dumps([asdict(cfg), seed, asdict(pretrain) if pretrain else None], sort_keys=True)
     if key not in _BASES:
-        _BASES[key] = {k: v.detach().clone() for k, v in build_model(cfg, seed=seed).state_dict().items()}
+        if pretrain is None:
+            _BASES[key] = {k: v.detach().clone() for k, v in build_model(cfg, seed=seed).state_dict().items()}
+        else:
+            from federated.pretrain import pretrained_weights
+
+            _BASES[key] = pretrained_weights(cfg, seed, pretrain)
     return _BASES[key]
 
 
 def build_base(cfg: ModelConfig, seed: int, base_delta: Optional[Mapping[str, Tensor]] = None,
-               kind: str = "plait") -> nn.Module:
+               kind: str = "plait", pretrain=None) -> nn.Module:
     """W0 + ΔW_base (module name → delta of its weight), in float32; kind: plait | hf (LlamaForCausalLM)."""
     if kind == "hf":
         from transformers import LlamaForCausalLM
@@ -53,7 +59,7 @@ def build_base(cfg: ModelConfig, seed: int, base_delta: Optional[Mapping[str, Te
         with torch.device("meta"):
             model = LlamaForCausalLM(to_hf_config(cfg))
         model.to_empty(device="cpu")
-        missing, _ = model.load_state_dict(to_hf_state_dict(base_weights(cfg, seed)), strict=False)
+        missing, _ = model.load_state_dict(to_hf_state_dict(base_weights(cfg, seed, pretrain)), strict=False)
         model.model.rotary_emb.__init__(model.config)  # its inv_freq buffer is not in any state dict
         if [k for k in missing if "rotary" not in k]:
             raise ValueError(f"the HF model has weights the Plait one lacks: {missing[:5]}")
@@ -62,7 +68,7 @@ def build_base(cfg: ModelConfig, seed: int, base_delta: Optional[Mapping[str, Te
 
         model = build_model(cfg, device="meta")
         model.to_empty(device="cpu")
-        model.load_state_dict(base_weights(cfg, seed), strict=False)
+        model.load_state_dict(base_weights(cfg, seed, pretrain), strict=False)
         model.init_buffers()
     else:
         raise ConfigError(f"task.base={kind!r} is not allowed; choose one of: plait, hf")
@@ -130,9 +136,9 @@ def with_lora(model: nn.Module, ranks: Mapping[str, int], alpha_ratio: float) ->
 
 
 def client_model(cfg: ModelConfig, seed: int, base_delta: Mapping[str, Tensor], bits: int,
-                 adapters: Adapters, alpha_ratio: float, kind: str = "plait") -> nn.Module:
+                 adapters: Adapters, alpha_ratio: float, kind: str = "plait", pretrain=None) -> nn.Module:
     """The model a client trains this round: W0 + ΔW_base, quantized, with `adapters` loaded."""
-    model = quantize(build_base(cfg, seed, base_delta, kind), bits)
+    model = quantize(build_base(cfg, seed, base_delta, kind, pretrain), bits)
     model = with_lora(model, {n: p.rank for n, p in adapters.items()}, alpha_ratio)
     load_into_peft(model, {PEFT_PREFIX + n: p for n, p in adapters.items()})
     return model
@@ -174,9 +180,9 @@ def accuracy(model: nn.Module, tokens: Tensor, labels: Tensor, label_tokens: lis
     return right / len(tokens)
 
 
-def merged(cfg: ModelConfig, seed: int, delta: Mapping[str, Tensor], kind: str = "plait") -> nn.Module:
+def merged(cfg: ModelConfig, seed: int, delta: Mapping[str, Tensor], kind: str = "plait", pretrain=None) -> nn.Module:
     """W0 + ΔW in float32, no adapters: the model the federation exports."""
-    return build_base(cfg, seed, delta, kind)
+    return build_base(cfg, seed, delta, kind, pretrain)
 
 
 def plait_state_dict(model: nn.Module) -> dict[str, Tensor]:

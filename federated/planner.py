@@ -3,8 +3,8 @@ which weight matrices to adapt, and per client the rank of each adapter, the bat
 base model's quantization bits, under each client's memory and round-time budget.
 
 FedPipe's exact program is not public; this is the formulation documented in docs/federated.md
-(`task.plan_modules=target`, the default, fixes u_m = 1 on task.target_modules; `importance`
-lets the program choose up to task.max_modules):
+(`task.plan_modules=importance`, the default, lets the program choose up to task.max_modules, on
+the pretrained base of federated/pretrain.py; `target` fixes u_m = 1 on task.target_modules):
 
     importance   I_m = Σ |w ⊙ ∂L/∂w| over weight matrix m on a calibration batch, normalised to Σ_m I_m = 1
     variables    u_m ∈ {0,1} adapt module m;  x_kmr ∈ {0,1} client k gives m rank r;

@@ -42,8 +42,10 @@ def make_plan(cfg: PlaitConfig, log: Callable[[str], None]):
     from federated.client import Plan, client_data
     from federated.data import TaskSpec, generate
 
+    from federated.pretrain import of as pretraining
+
     c: FederatedConfig = cfg.task
-    base = fm.build_base(cfg.model, cfg.seed, kind=c.base)
+    base = fm.build_base(cfg.model, cfg.seed, kind=c.base, pretrain=pretraining(c, cfg.model))
     spec = TaskSpec(c.num_classes, c.seq_len, cfg.model.vocab_size, c.keyword_prob)
     tokens, labels = generate(spec, c.calibration_samples, seed=cfg.seed + 3, task_seed=cfg.seed)
     imp = pl.importance(base, tokens, labels, spec.label_tokens)
@@ -86,6 +88,7 @@ def serve(cfg: PlaitConfig, make_transport) -> dict:
     from federated.aggregation import build_strategy
     from federated.client import Plan
     from federated.data import TaskSpec, test_set
+    from federated.pretrain import of as pretraining
     from federated.server import FederationStopped, Server, plans_json
     from trainer.checkpoint import Checkpointer
     from trainer.checkpoint.state import Progress, TensorDict
@@ -113,9 +116,11 @@ def serve(cfg: PlaitConfig, make_transport) -> dict:
          "modelled_memory_bytes": sol.memories, "objective": sol.objective}, indent=1, sort_keys=True))
     spec = TaskSpec(c.num_classes, c.seq_len, cfg.model.vocab_size, c.keyword_prob)
     test_tokens, test_labels = test_set(spec, c.test_samples, cfg.seed)
+    pretrain = pretraining(c, cfg.model)
 
     def evaluate(delta):
-        return fm.accuracy(fm.merged(cfg.model, cfg.seed, delta, c.base), test_tokens, test_labels, spec.label_tokens)
+        return fm.accuracy(fm.merged(cfg.model, cfg.seed, delta, c.base, pretrain), test_tokens, test_labels,
+                           spec.label_tokens)
 
     shapes = fm.weight_shapes(fm.build_base(cfg.model, cfg.seed, kind=c.base))
     strategy = build_strategy(c.strategy)
@@ -177,7 +182,7 @@ def serve(cfg: PlaitConfig, make_transport) -> dict:
             if (every and rnd % every == 0) or (final and cfg.checkpoint.save_final) or preemption.received:
                 saved = dict(components)
                 if final:
-                    merged = fm.merged(cfg.model, cfg.seed, server.state.global_delta(), c.base)
+                    merged = fm.merged(cfg.model, cfg.seed, server.state.global_delta(), c.base, pretrain)
                     saved["model"] = TensorDict(fm.plait_state_dict(merged))  # Plait's names: plait-ckpt export
                 path = checkpointer.save(rnd, saved, counters={"round": rnd})
                 log.text(f"checkpoint: {path}")

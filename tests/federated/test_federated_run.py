@@ -24,7 +24,7 @@ TINY = ["model.vocab_size=64", "model.dim=32", "model.n_layers=2", "model.n_head
         "model.ffn_dim=64", "model.max_seq_len=16"]
 SMALL = TINY + ["task.num_clients=3", "task.train_samples=240", "task.test_samples=96", "task.seq_len=12",
                 "task.local_steps=3", "task.batch_choices=[8]", "task.rank_choices=[2,4]", "task.max_modules=2",
-                "logger.progress=false", "checkpoint.keep_last=0"]
+                "task.base_pretrain_steps=0", "logger.progress=false", "checkpoint.keep_last=0"]
 
 
 def plait(run_dir, *overrides, check=True, timeout=240, **popen):

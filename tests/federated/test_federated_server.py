@@ -19,7 +19,8 @@ MODEL = {"vocab_size": 64, "dim": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads":
 def config(run_dir, resume="none", **task):
     base = {"_target_": "federated.run.run", "name": "federated", "mode": "local", "num_clients": 3, "rounds": 3,
             "train_samples": 240, "test_samples": 96, "seq_len": 12, "local_steps": 3, "batch_choices": [8],
-            "rank_choices": [2, 4], "max_modules": 2, "plan_modules": "importance", "plots": False}
+            "rank_choices": [2, 4], "max_modules": 2, "plan_modules": "importance", "plots": False,
+            "base_pretrain_steps": 0}  # the seed's base: these tests are of the rounds, not of pretraining
     return validate({"task": {**base, **task}, "model": MODEL, "seed": 0, "run_dir": str(run_dir),
                      "checkpoint": {"every": 1, "resume": resume, "keep_last": 0}, "logger": {"progress": False}})
 
@@ -121,8 +122,8 @@ def test_hugging_face_base_gives_the_plait_base_results(tmp_path):
 
 
 def test_planner_keeps_the_target_modules_unless_told_to_choose(tmp_path):
-    """task.plan_modules=target (default): the MILP plans ranks, batch and bits on exactly
-    task.target_modules; =importance: it picks up to task.max_modules by importance."""
+    """task.plan_modules=target: the MILP plans ranks, batch and bits on exactly task.target_modules;
+    =importance (the default): it picks up to task.max_modules by importance."""
     from federated.run import make_plan
 
     plans, pb, _ = make_plan(config(tmp_path / "t", plan_modules="target", target_modules=["wq", "wv"]),
@@ -133,3 +134,22 @@ def test_planner_keeps_the_target_modules_unless_told_to_choose(tmp_path):
     plans, pb, _ = make_plan(config(tmp_path / "i", plan_modules="importance", max_modules=2), lambda s: None)
     top = sorted(pb.importance, key=pb.importance.get, reverse=True)
     assert 1 <= len(plans[0].ranks) <= 2 and set(plans[0].ranks) <= set(top)
+
+
+def test_a_pretrained_base_is_the_one_planned_trained_and_exported(tmp_path):
+    """task.base_pretrain_steps: the planner scores, the clients train and the final `model` holds the
+    pretrained base (+ the federation's delta), not the seed's initialisation."""
+    from federated import model as fm
+    from federated.pretrain import of as pretraining
+    from federated.run import make_plan
+
+    cfg = config(tmp_path / "run", rounds=1, base_pretrain_steps=30, strategy="flora")
+    _, pb, _ = make_plan(cfg, lambda s: None)
+    _, pb0, _ = make_plan(config(tmp_path / "seed", rounds=1, strategy="flora"), lambda s: None)
+    assert pb.importance != pb0.importance
+    run_local(cfg)
+    state = server_state(tmp_path / "run", tmp_path, 1)
+    delta = state["server"]["base_total"]  # FLoRA merges every round: the adapters restart at B = 0
+    want = fm.merged(cfg.model, 0, delta, pretrain=pretraining(cfg.task, cfg.model)).state_dict()
+    for k, v in state["model"].items():
+        assert torch.equal(v, want[k]), k
