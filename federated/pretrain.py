@@ -14,6 +14,7 @@ SuperNodes on one file system) loads the same tensors and a repeat costs a load.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -68,7 +69,10 @@ def pretrained_weights(cfg: ModelConfig, seed: int, pre: Pretraining) -> dict[st
     path = cache_root() / "federated" / f"base-{key}.pt"
     if path.exists():
         return torch.load(path, weights_only=True)
+    print(f"plait: pretraining the base for {pre.steps} steps (once: cached at {path})", flush=True)
+    start = time.perf_counter()
     weights = train(cfg, seed, pre)
+    print(f"plait: base pretrained in {time.perf_counter() - start:.0f}s", flush=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:  # processes that race write the same tensors; one rename wins
         torch.save(weights, tmp)
