@@ -67,13 +67,14 @@ class KVCacheEngine(RolloutEngine):
 
     def generate(self, prompts, prompt_mask, params: SamplingParams, generator) -> Batch:
         a = self.actor
-        model, decoder = (a.hybrid.model, None) if a.hybrid is not None else (a.model, None)
-        if a.hybrid is None and a.pipeline is not None:
-            model, decoder = a.model, PipelineDecoder.factory(a.pipeline, a.mesh["pp"].get_group(), a.spec.model,
-                                                              a.device)
-        # the training layout's forward may gather across ranks holding other prompts (FSDP): they
-        # stop together; the generation layout's tensor groups share their prompts and need not
-        agree = dist.group.WORLD if a.hybrid is None and dist.is_initialized() and dist.get_world_size() > 1 else None
+        model, decoder, agree = a.model, None, None
+        if a.hybrid is not None:  # the generation layout: its tensor groups share their prompts
+            model = a.hybrid.model
+        else:
+            if a.pipeline is not None:
+                decoder = PipelineDecoder.factory(a.pipeline, a.mesh["pp"].get_group(), a.spec.model, a.device)
+            if a.info.dp_size > 1:  # the forward may gather across ranks holding other prompts (FSDP)
+                agree = dist.group.WORLD
         return sample(model, prompts.to(a.device), params.max_new_tokens, attention_mask=prompt_mask.to(a.device),
                       temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, eos_id=params.eos_id,
                       pad_id=params.pad_id, generator=generator, decoder=decoder, device=a.device, agree_group=agree)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import time
 import traceback
 from dataclasses import replace
@@ -15,6 +14,7 @@ from typing import Any, Callable, Optional
 
 from rlhf.groups.base import WorkerFailure, WorkerGroup
 from rlhf.workers.base import WorkerSpec
+from trainer.launch.forked import free_port
 
 
 def ensure_ray(address: str = "", num_cpus: Optional[int] = None) -> bool:
@@ -53,10 +53,7 @@ class WorkerHost:
         """(ip, a free port, pid): where this rank-0 host's process group will listen."""
         import ray
 
-        with socket.socket() as s:
-            s.bind(("", 0))
-            port = s.getsockname()[1]
-        return ray.util.get_node_ip_address(), port, os.getpid()
+        return ray.util.get_node_ip_address(), free_port(""), os.getpid()
 
     def node(self) -> str:
         """The Ray node this host runs on (its IP and the node id's first 8 digits)."""

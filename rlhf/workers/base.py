@@ -19,6 +19,7 @@ from parallel.parallelize import parallelize
 from parallel.tensor import tp_loss_context
 from rlhf.dispatch import Mode, WorkerInfo, register, worker_info
 from rlhf.workers.objectives import StagedObjective
+from rlhf.workers.offload import state_sizes
 from trainer.checkpoint import Checkpointer
 from trainer.checkpoint.finding import find_step
 from trainer.checkpoint.state import ModelState, OptimizerState, RNGState
@@ -231,17 +232,11 @@ class Worker:
 
     @register(Mode.ONE_TO_ALL)
     def resident_bytes(self, _: Any = None) -> dict[str, int]:
-        """What this rank holds for its role: parameter, gradient and optimizer-state bytes (its shards)."""
-        def nbytes(t) -> int:
-            t = t.to_local() if hasattr(t, "to_local") else t
-            return t.numel() * t.element_size()
-
+        """What this rank holds for its role: parameter, gradient and optimizer-state bytes (its
+        shards), and what it has moved to host memory and back while idle."""
         params = [p for part in self.parts for p in part.parameters()] if self.engine is None \
             else list(self.engine.parameters())
-        state = self.optimizer.state.values() if self.optimizer is not None else []
-        return {"params": sum(nbytes(p) for p in params),
-                "grads": sum(nbytes(p.grad) for p in params if p.grad is not None),
-                "optimizer": sum(nbytes(v) for st in state for v in st.values() if torch.is_tensor(v)),
+        return {**state_sizes(params, self.optimizer),
                 "offloaded": self.offloader.moved if self.offloader is not None else 0}
 
     @register(Mode.ONE_TO_ALL)

@@ -17,11 +17,20 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def state_bytes(parts: Iterable[nn.Module], optimizer: Optional[torch.optim.Optimizer]) -> int:
-    params = [p for part in parts for p in part.parameters()]
+def _moved_state(value) -> bool:
+    return torch.is_tensor(value) and value.dim() > 0  # AdamW's scalar `step` stays where it is
+
+
+def state_sizes(params: list[torch.Tensor], optimizer: Optional[torch.optim.Optimizer]) -> dict[str, int]:
+    """This rank's parameter, gradient and optimizer-state bytes (its shards)."""
     states = optimizer.state.values() if optimizer is not None else []
-    return (sum(_nbytes(p) + (_nbytes(p.grad) if p.grad is not None else 0) for p in params)
-            + sum(_nbytes(v) for st in states for v in st.values() if torch.is_tensor(v) and v.dim() > 0))
+    return {"params": sum(_nbytes(p) for p in params),
+            "grads": sum(_nbytes(p.grad) for p in params if p.grad is not None),
+            "optimizer": sum(_nbytes(v) for st in states for v in st.values() if _moved_state(v))}
+
+
+def state_bytes(parts: Iterable[nn.Module], optimizer: Optional[torch.optim.Optimizer]) -> int:
+    return sum(state_sizes([p for part in parts for p in part.parameters()], optimizer).values())
 
 
 @torch.no_grad()
@@ -38,7 +47,7 @@ def move_state(parts: Iterable[nn.Module], optimizer: Optional[torch.optim.Optim
     if optimizer is not None:
         for st in optimizer.state.values():
             for key, value in st.items():
-                if torch.is_tensor(value) and value.dim() > 0:  # AdamW's `step` stays where it is
+                if _moved_state(value):
                     st[key] = value.to(device, copy=copy)
     if device.type == "cpu" and torch.cuda.is_available():
         torch.cuda.empty_cache()  # what the idle role held goes back to the allocator's pool

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Callable, Optional, TypeVar
 
 from trainer.errors import ConfigError
+from trainer.launch.forked import free_port
+from trainer.launch.slurm import tail
 
 T = TypeVar("T")
 # Ray's workers take ports 10002-19999 by default and Linux's ephemeral range starts at 32768:
@@ -60,12 +62,6 @@ def _step_nodes() -> Optional[int]:
     return int(value) if value else None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
 def node_resources() -> tuple[int, int]:
     """(CPUs, GPUs) this task may use on its node: Slurm's allotment, else the machine's."""
     cpus = os.environ.get("SLURM_CPUS_PER_TASK") or os.environ.get("SLURM_CPUS_ON_NODE")
@@ -92,10 +88,10 @@ def start_node(head: Optional[str], port: int, log: Path) -> subprocess.Popen:
     share one host."""
     cpus, gpus = node_resources()
     cmd = [ray_executable(), "start", "--block", "--disable-usage-stats", f"--num-cpus={cpus}",
-           f"--num-gpus={gpus}", f"--dashboard-agent-listen-port={_free_port()}",
-           f"--dashboard-agent-grpc-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
-           f"--metrics-export-port={_free_port()}"]
-    cmd += (["--head", f"--port={port}", "--include-dashboard=false", f"--ray-client-server-port={_free_port()}"]
+           f"--num-gpus={gpus}", f"--dashboard-agent-listen-port={free_port('')}",
+           f"--dashboard-agent-grpc-port={free_port('')}", f"--runtime-env-agent-port={free_port('')}",
+           f"--metrics-export-port={free_port('')}"]
+    cmd += (["--head", f"--port={port}", "--include-dashboard=false", f"--ray-client-server-port={free_port('')}"]
             if head is None else [f"--address={head}"])
     log.parent.mkdir(parents=True, exist_ok=True)
     out = log.open("ab")
@@ -123,24 +119,19 @@ def stop_node(proc: subprocess.Popen, address: Optional[str] = None) -> None:
         pass
 
 
-def _tail(path: Path, lines: int = 15) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
-
-
 def _head_up(proc: subprocess.Popen, ip: str, port: int, log: Path, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"the Ray head on {ip}:{port} exited with {proc.returncode}; {log}:\n{_tail(log)}")
+            raise RuntimeError(f"the Ray head on {ip}:{port} exited with {proc.returncode}; {log}:\n"
+                               + tail(log, 15).rstrip())
         try:
             with socket.create_connection((ip, port), timeout=1.0):
                 return
         except OSError:
             time.sleep(0.5)
-    raise RuntimeError(f"the Ray head did not listen on {ip}:{port} within {timeout:.0f}s; {log}:\n{_tail(log)}")
+    raise RuntimeError(f"the Ray head did not listen on {ip}:{port} within {timeout:.0f}s; {log}:\n"
+                       + tail(log, 15).rstrip())
 
 
 def wait_for_nodes(count: int, timeout: float = NODES_TIMEOUT_S) -> list[dict]:
@@ -213,7 +204,7 @@ def _wait_for_driver(store, proc: subprocess.Popen, log: Path) -> None:
     while not store.check(["done"]):
         if proc.poll() is not None:
             raise RuntimeError(f"this task's Ray node exited with {proc.returncode} before the driver finished; "
-                               f"{log}:\n{_tail(log)}")
+                               f"{log}:\n{tail(log, 15).rstrip()}")
         time.sleep(1.0)
     store.add("left", 1)
 

@@ -208,7 +208,7 @@ def _srun_errors(batch_err: Path) -> tuple[list[str], Optional[int]]:
     """srun's per-task verdicts from the batch script's stderr (task 0's .err under submitit),
     and the first task that failed on its own rather than being terminated by srun."""
     verdicts, culprit = [], None
-    for line in _tail(batch_err, 200).splitlines():
+    for line in tail(batch_err, 200).splitlines():
         match = re.search(r"srun: error: \S+: tasks? (\d+)\S*: (.+)", line)
         if match:
             verdicts.append(line.strip())
@@ -217,7 +217,8 @@ def _srun_errors(batch_err: Path) -> tuple[list[str], Optional[int]]:
     return verdicts, culprit
 
 
-def _tail(path: Path, lines: int = 40) -> str:
+def tail(path: Path, lines: int = 40) -> str:
+    """The last `lines` lines of a log ("" when it cannot be read)."""
     try:
         return "".join(path.read_text(errors="replace").splitlines(keepends=True)[-lines:])
     except OSError:
@@ -316,9 +317,9 @@ def wait_and_report(job, stream: bool = True, timeout_s: Optional[float] = None,
         lines += verdicts
         for name in ("stderr", "stdout"):
             log = getattr(paths, name)
-            tail = _tail(log)
-            if tail.strip():
-                lines += [f"--- last lines of rank {blame}'s {name} ({log}):", tail.rstrip()]
+            last = tail(log)
+            if last.strip():
+                lines += [f"--- last lines of rank {blame}'s {name} ({log}):", last.rstrip()]
     logs = [str(p) for t in tasks for p in (t.stdout, t.stderr)]
     lines.append(f"logs: {paths.stdout.parent}/{job_id}_<rank>_log.{{out,err}}")
     raise SlurmJobFailed("\n".join(lines), job_id, state, logs)
