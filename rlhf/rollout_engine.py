@@ -14,6 +14,7 @@ parallelism. An external engine (vLLM, SGLang on GPUs) implements the same three
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -39,22 +40,24 @@ class SamplingParams:
     pad_id: int
 
 
-class RolloutEngine:
+class RolloutEngine(abc.ABC):
     """The interface; `actor` is the ActorWorker it generates for (its spec, device, layouts)."""
 
     def __init__(self, actor):
         self.actor = actor
 
+    @abc.abstractmethod
     def load_weights(self) -> None:
-        raise NotImplementedError
+        """The actor's current weights into the generation layout."""
 
+    @abc.abstractmethod
     def generate(self, prompts: torch.Tensor, prompt_mask: torch.Tensor, params: SamplingParams,
                  generator: torch.Generator) -> Batch:
         """Left-padded prompts [B, P] → `rlhf.rollout.sample`'s Batch (responses, masks, log_probs)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def release(self) -> None:
-        raise NotImplementedError
+        """Give back what only generation needed."""
 
 
 @ROLLOUT_ENGINES.register("plait")
