@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import socket
 import traceback
 from datetime import timedelta
@@ -33,7 +34,9 @@ def _rank_main(rank, world, port, fn, args, init_pg, queue):
     try:
         if init_pg:
             dist.init_process_group("gloo", timeout=timedelta(seconds=120))
-        queue.put((rank, True, fn(*args)))
+        # plain pickle copies tensors by value: the queue's own pickler would pass their storage as a
+        # file descriptor served by this process, which may have exited before the parent reads it
+        queue.put((rank, True, pickle.dumps(fn(*args))))
     except BaseException:  # report everything, SystemExit included
         queue.put((rank, False, traceback.format_exc()))
     finally:
@@ -59,7 +62,7 @@ def run_ranks(world: int, fn, *args, init_pg: bool = True, timeout: float = 1800
             if not ok:  # the others would wait in a collective until the timeout: stop them now
                 errors.append(f"rank {rank}:\n{value}")
                 break
-            results[rank] = value
+            results[rank] = pickle.loads(value)
     finally:
         for p in procs:
             p.join(timeout=0.1 if errors else 10)
