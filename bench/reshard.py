@@ -5,11 +5,11 @@ generation shard — and (b) HybridFlow-V — generation tensor groups of consec
 rank's generation shard does not contain its training shard: it gathers the whole model over the
 model-parallel group with the engine's own collectives, then slices — on forked gloo CPU ranks.
 
-Per layout (training pp=p, tp=t, dp=d → generation tp_g, p_g = 1), per rank and transition:
+Per layout (training pp=p, tp=t, dp=d → generation tp_g, pp_g), per rank and transition:
 - time: the slowest rank's train → generate → train (the transition, then back to training),
   median over --rounds, methods alternating inside each round;
 - bytes: received on the wire, read from the kernel (`ss -ti` bytes_received over the rank's TCP
-  sockets, gloo's transport), against the paper's (t·p − t_g)/(t_g·t·p)·M (Plait) and
+  sockets, gloo's transport), against the paper's (t·p − t_g·p_g)/(t_g·p_g·t·p)·M (Plait) and
   (t·p − 1)/(t·p)·M (naive, HybridFlow-V: the d replicas each hold the model, so the gather runs
   inside a replica; the paper's (t·p·d − 1)/(t·p·d)·M assumes weights sharded over all ranks);
 - peak extra memory: bytes resident beyond the training shard, read from the kernel: glibc is
@@ -48,17 +48,17 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from parallel.hybrid_engine import (GenerationCopy, GenerationShards, HybridLayout, StagedGenerationShards,  # noqa: E402
-                                    _allocated, _local, _shard_dim, coords, gather_into, hybrid_peak_extra_bytes,
-                                    hybrid_transition_bytes, pipeline_owner, rank_of)
-from parallel.init import materialize  # noqa: E402
+                                    _allocated, _local, _shard_dim, coords, gather_into, generation_chunks,
+                                    generation_network, hybrid_peak_extra_bytes, hybrid_transition_bytes,
+                                    pipeline_owner, rank_of)
 from parallel.mesh import ParallelDims, build_mesh  # noqa: E402
-from parallel.tensor import apply_tp  # noqa: E402
 from trainer.config import ModelConfig  # noqa: E402
 from trainer.launch.forked import run_ranks  # noqa: E402
 from trainer.models import build_model  # noqa: E402
 
-LAYOUTS = [(1, 4, 1, 2), (1, 8, 1, 2), (1, 8, 1, 4), (2, 4, 1, 2), (1, 4, 2, 2)]  # (p, t, d, t_g)
-APART = [(1, 4, 1, 1)]  # tp_gen = 1: the whole model on every rank, nothing to save
+LAYOUTS = [(1, 4, 1, 2, 1), (1, 8, 1, 2, 1), (1, 8, 1, 4, 1), (2, 4, 1, 2, 1), (1, 4, 2, 2, 1),
+           (2, 4, 1, 2, 2)]  # (p, t, d, t_g, p_g)
+APART = [(1, 4, 1, 1, 1)]  # tp_gen = 1: the whole model on every rank, nothing to save
 FSDP = [(4, 2), (8, 2)]  # (dp_shard, t_g): FSDP2-sharded training, generation on consecutive ranks
 
 
@@ -121,15 +121,16 @@ class FullModelGather(GenerationCopy):
     tensor groups of consecutive ranks. `engine=False`: the naive path (`full_tensor()`);
     `engine=True`: HybridFlow-V (the engine's collective, `gather_into`, over the tensor group)."""
 
-    def __init__(self, train_model, lay: HybridLayout, build, owner, tp_group, pp_group, engine: bool):
+    def __init__(self, train_model, lay: HybridLayout, build, owner, tp_group, pp_group, engine: bool, shapes: dict):
         self.train_model, self.lay, self.owner, self.engine = train_model, lay, owner, engine
         self.tp_group, self.pp_group, self.rank = tp_group, pp_group, dist.get_rank()
         self.pp_i, _, self.tp_i = coords(self.rank, lay)
+        self.shapes = shapes  # the whole model's weights: (name, shape), every one gathered
         mesh = None
         if lay.t_g > 1:
             from torch.distributed.device_mesh import DeviceMesh
             mesh = DeviceMesh("cpu", torch.arange(lay.world).reshape(-1, lay.t_g), mesh_dim_names=("dp", "tp"))["tp"]
-        self.model = build(mesh)
+        self.model = build(mesh, generation_chunks(lay, 1, self.pp_i))  # this rank's generation stage
         self.release()
 
     def _whole(self, param) -> torch.Tensor:
@@ -147,12 +148,12 @@ class FullModelGather(GenerationCopy):
     def to_generation(self) -> None:
         mine = dict(self.train_model.named_parameters())
         whole = {}
-        for name, gen in self.model.named_parameters():  # the whole model, every weight of it
+        for name, shape in self.shapes.items():  # the whole model, every weight of it
             stage = self.owner(name)
             if stage == self.pp_i:
                 whole[name] = self._whole(mine[name])
             else:
-                whole[name] = torch.empty(gen.shape, dtype=gen.dtype)
+                whole[name] = torch.empty(shape)
             if self.lay.p > 1:
                 dist.broadcast(whole[name], src=rank_of(stage, 0, self.tp_i, self.lay), group=self.pp_group)
         k = self.rank % self.lay.t_g  # consecutive generation tensor groups
@@ -166,12 +167,10 @@ class FullModelGather(GenerationCopy):
 # --- one rank -------------------------------------------------------------------------------------
 
 
-def network(cfg: ModelConfig):
-    def build(mesh):
+def network(cfg: ModelConfig, n_chunks: int = 1):
+    def build(mesh, chunks=None):  # the whole model, or training pipeline chunks `chunks` of n_chunks
         model = build_model(cfg, device="meta")
-        if mesh is not None:
-            apply_tp(model, mesh)
-        return materialize(model, torch.device("cpu"), seed=0).requires_grad_(False)
+        return generation_network(model, mesh, chunks, n_chunks, torch.device("cpu"), seed=0).requires_grad_(False)
     return build
 
 
@@ -193,14 +192,15 @@ def training_model(lay: HybridLayout, cfg: ModelConfig):
 
 def engines(lay: HybridLayout, cfg: ModelConfig) -> tuple[dict, int]:
     train, tp_group, pp_group, owner = training_model(lay, cfg)
-    build = network(cfg)
+    build = network(cfg, lay.p)
     if lay.p == 1:
         plait = GenerationShards(train, lay, build, torch.device("cpu"), resident=True)
     else:
         plait = StagedGenerationShards(train, lay, build, torch.device("cpu"), owner, resident=True)
+    shapes = {n: q.shape for n, q in build_model(cfg, device="meta").named_parameters()}
     return {"plait": plait,
-            "naive": FullModelGather(train, lay, build, owner, tp_group, pp_group, engine=False),
-            "hybridflow_v": FullModelGather(train, lay, build, owner, tp_group, pp_group, engine=True)}, train
+            "naive": FullModelGather(train, lay, build, owner, tp_group, pp_group, False, shapes),
+            "hybridflow_v": FullModelGather(train, lay, build, owner, tp_group, pp_group, True, shapes)}, train
 
 
 def transition(engine) -> tuple[float, int, int]:
@@ -217,10 +217,10 @@ def transition(engine) -> tuple[float, int, int]:
     return seconds, received, peak
 
 
-def measure(p: int, t: int, d: int, t_g: int, cfg: ModelConfig, rounds: int) -> dict:
+def measure(p: int, t: int, d: int, t_g: int, p_g: int, cfg: ModelConfig, rounds: int) -> dict:
     torch.set_num_threads(1)
     exact_allocations()
-    lay = HybridLayout(p=p, t=t, d=d, t_g=t_g)
+    lay = HybridLayout(p=p, t=t, d=d, p_g=p_g, t_g=t_g)
     methods, train = engines(lay, cfg)
     out = {m: {"seconds": [], "bytes": [], "peak": [], "held": 0} for m in methods}
     for m, engine in methods.items():  # first transitions: what each method keeps between transitions
@@ -251,7 +251,9 @@ def measure_fsdp(n: int, t_g: int, cfg: ModelConfig, rounds: int) -> dict:
     _, parts, _ = parallelize(build_model(cfg, device="meta"), mesh, ParallelConfig(dp_shard=n), device="cpu", seed=0)
     build = network(cfg)
     plait = GatheredGenerationShards(parts[0], n, t_g, build, torch.device("cpu"))
-    naive = FullModelGather(parts[0], HybridLayout(p=1, t=n, d=1, t_g=t_g), build, lambda name: 0, None, None, False)
+    shapes = {name: q.shape for name, q in build_model(cfg, device="meta").named_parameters()}
+    naive = FullModelGather(parts[0], HybridLayout(p=1, t=n, d=1, t_g=t_g), build, lambda name: 0, None, None, False,
+                            shapes)
     methods = {"plait": plait, "naive": naive}
     out = {m: {"seconds": [], "bytes": [], "peak": [], "held": 0} for m in methods}
     for m, engine in methods.items():
@@ -313,9 +315,9 @@ def summarize(lay: HybridLayout, ranks: list, m_bytes: int) -> dict:
     return out
 
 
-def name_of(p: int, t: int, d: int, t_g: int) -> str:
+def name_of(p: int, t: int, d: int, t_g: int, p_g: int) -> str:
     train = "x".join(f"{k}{v}" for k, v in (("pp", p), ("tp", t), ("dp", d)) if v > 1)
-    return f"{train}_to_tp{t_g}"
+    return f"{train}_to_{f'pp{p_g}x' if p_g > 1 else ''}tp{t_g}"
 
 
 def grpo_seconds(rollout_tp: int, iterations: int) -> dict:
@@ -348,7 +350,7 @@ def main() -> None:
     m_bytes = model_bytes(cfg)
     layouts, apart = {}, {}
     for lay_args in LAYOUTS + APART:
-        lay = HybridLayout(p=lay_args[0], t=lay_args[1], d=lay_args[2], t_g=lay_args[3])
+        lay = HybridLayout(p=lay_args[0], t=lay_args[1], d=lay_args[2], t_g=lay_args[3], p_g=lay_args[4])
         figures = summarize(lay, run_ranks(lay.world, measure, *lay_args, cfg, a.rounds), m_bytes)
         (layouts if lay_args in LAYOUTS else apart)[name_of(*lay_args)] = figures
         print(name_of(*lay_args), json.dumps(figures), file=sys.stderr, flush=True)

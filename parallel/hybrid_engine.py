@@ -14,7 +14,8 @@ stride r (the paper's example: training 1-4-2, TP [0-3], [4-7] → generation 1-
 This module holds the grouping and the paper's cost formulas (pure), and three transitions:
 `GenerationShards` for tensor-parallel training layouts (all-gathers inside micro-DP groups,
 bucketed, straight into the generation buffer), `StagedGenerationShards` for pipeline ×
-tensor-parallel ones (broadcasts inside micro-DP groups spanning the stages) — both optionally
+tensor-parallel ones, generating with pp_g stages or none (broadcasts inside micro-DP groups
+spanning the training stages of one generation stage) — both optionally
 resident (zero redundancy) — and `GatheredGenerationShards` for FSDP2-sharded ones (point-to-point
 exchange of block intersections, weight by weight, with a predicted peak).
 """
@@ -118,10 +119,16 @@ def hybrid_peak_extra_bytes(lay: HybridLayout, model_bytes: float) -> float:
 
 
 def _shard_dim(param: torch.Tensor) -> Optional[int]:
-    """The tensor dimension a TP DTensor is sharded along (None: replicated or a plain tensor)."""
+    """The tensor dimension a TP DTensor is sharded along (None: replicated or a plain tensor): on
+    a mesh with named dimensions (FSDP2 over TP), its "tp" dimension's."""
     if not isinstance(param, DTensor):
         return None
-    dims = [p.dim for p in param.placements if isinstance(p, Shard)]
+    names = param.device_mesh.mesh_dim_names
+    if names:  # a mesh without "tp" (FSDP2 alone): replicated over tensor parallelism
+        placements = [param.placements[names.index("tp")]] if "tp" in names else []
+    else:
+        placements = param.placements
+    dims = [p.dim for p in placements if isinstance(p, Shard)]
     return dims[0] if dims else None
 
 
@@ -168,6 +175,7 @@ class GenerationCopy:
     `release()` frees between generations and `to_generation()` fills again."""
 
     model: nn.Module
+    pp_group = None  # generation with pipeline stages (StagedGenerationShards, pp_g > 1): its stage group
 
     def release(self) -> None:
         """Free the generation weights (their storage; the parameters stay, empty, until the next
@@ -195,9 +203,9 @@ class GenerationShards(GenerationCopy):
 
     def __init__(self, train_model: nn.Module, lay: HybridLayout, build: Callable[[Optional[DeviceMesh]], nn.Module],
                  device: torch.device, resident: bool = False):
-        if lay.p_g != 1 or (lay.p != 1 and type(self) is GenerationShards):
+        if type(self) is GenerationShards and (lay.p, lay.p_g) != (1, 1):
             raise ValueError("GenerationShards handles tensor-parallel training layouts (pp = 1); "
-                             "StagedGenerationShards pipeline-parallel ones (pp_gen = 1)")
+                             "StagedGenerationShards pipeline-parallel ones")
         self.train_model, self.lay, self.device = train_model, lay, device
         self.groups = hybrid_groups(lay)
         rank = dist.get_rank() if dist.is_initialized() else 0
@@ -207,14 +215,17 @@ class GenerationShards(GenerationCopy):
             if rank in ranks:
                 self.micro_group, self.micro_ranks = group, ranks
         mesh = None
-        if lay.t_g > 1:
+        if lay.t_g > 1:  # one row per generation tensor group (of every replica and stage)
             arrangement = torch.tensor(sorted(self.groups.generation_tp, key=lambda g: self.groups.generation_dp_rank[g[0]]))
             mesh = DeviceMesh(device.type, arrangement, mesh_dim_names=("dp", "tp"))["tp"]
-        self.model = build(mesh)
+        self.rank = rank
+        self.model = self._build(build, mesh)
         GenerationCopy.release(self)  # allocated by each transition (resident: once, around the training shards)
         self.bytes_received = 0
         self.resident, self._aliased = resident, False
-        self.rank = rank
+
+    def _build(self, build, mesh):
+        return build(mesh)
 
     @torch.no_grad()
     def to_generation(self) -> int:
@@ -254,21 +265,65 @@ class GenerationShards(GenerationCopy):
             super().release()
 
 
+def generation_chunks(lay: HybridLayout, virtual_stages: int, pp_i: int) -> list[int]:
+    """The training chunks (p·v of them, chunk c on pipeline rank c mod p: Megatron's interleaved
+    assignment) that the generation stage of training pipeline rank pp_i holds: those of ranks
+    [g·s, (g+1)·s) with g = pp_i // s, s = p/p_g, in layer order."""
+    s = lay.p // lay.p_g
+    return [c for c in range(lay.p * virtual_stages) if (c % lay.p) // s == pp_i // s]
+
+
+def generation_network(meta_model: nn.Module, tp_mesh: Optional[DeviceMesh], chunks: Optional[list[int]],
+                       n_chunks: int, device: torch.device, seed: int) -> nn.Module:
+    """A generation network from a meta-device model: the whole model (`chunks` None or all of the
+    n_chunks), or those training pipeline chunks as one ChunksView, each tensor-parallel over
+    `tp_mesh` (None: plain), allocated on `device`."""
+    from parallel.init import materialize
+    from parallel.pipeline import ChunksView, split_model
+    from parallel.tensor import apply_tp
+
+    whole = chunks is None or len(chunks) == n_chunks
+    parts = [meta_model] if whole else [split_model(meta_model, c, n_chunks) for c in chunks]
+    for part in parts:
+        if tp_mesh is not None:
+            apply_tp(part, tp_mesh)
+        materialize(part, device, seed=seed)
+    return parts[0] if len(parts) == 1 else ChunksView(parts)
+
+
+def generation_stage(lay: HybridLayout, chunk: int) -> int:
+    """The generation stage (its rank in a generation pipeline group) holding a training chunk."""
+    return (chunk % lay.p) // (lay.p // lay.p_g)
+
+
 class StagedGenerationShards(GenerationShards):
     """The transition from a pipeline × tensor-parallel training layout (pp = p, tp = t) to
-    generation without stages (pp_g = 1) under tp_g: a micro-DP group spans every stage (and t/t_g
-    tensor ranks of each), so each rank receives the layers of the other stages at its generation
-    tensor shard, piece by piece from the ranks that hold them (one broadcast per piece inside the
-    group, straight into its slot of the generation weight). `owner(name)` is the pipeline rank
-    holding a parameter; `train_model` holds this rank's chunks under the whole model's parameter
-    names (parallelize's ChunksView).
+    generation under (pp_g, tp_g): a micro-DP group spans the s = p/p_g training stages of one
+    generation stage (and t/t_g tensor ranks of each), so each rank receives those stages' layers
+    at its generation tensor shard, piece by piece from the ranks that hold them (one broadcast per
+    piece inside the group, straight into its slot of the generation weight). `owner(name)` is the
+    pipeline rank holding a parameter; `train_model` holds this rank's chunks under the whole
+    model's parameter names (parallelize's ChunksView).
+
+    `build(mesh, chunks)` makes the generation network of training chunks `chunks` (of p·v;
+    `generation_chunks`: all of them when pp_g = 1) under the tensor mesh; with pp_g > 1
+    `pp_group` is this rank's generation pipeline (its stages in order; `generation_stage` maps a
+    chunk to its rank there) and `chunk_ids` the chunks it holds.
 
     `resident=True`: as GenerationShards' — this rank's pieces move into their slots of the
     generation buffer at the first transition (weights replicated over tp are shared), so the
-    extra memory is M/t_g − M/(t·p) for good and no piece is stored twice."""
+    extra memory is M/(t_g·p_g) − M/(t·p) for good and no piece is stored twice."""
 
-    def __init__(self, train_model: nn.Module, lay: HybridLayout, build: Callable[[Optional[DeviceMesh]], nn.Module],
-                 device: torch.device, owner: Callable[[str], int], resident: bool = False):
+    def __init__(self, train_model: nn.Module, lay: HybridLayout,
+                 build: Callable[[Optional[DeviceMesh], list[int]], nn.Module], device: torch.device,
+                 owner: Callable[[str], int], resident: bool = False, virtual_stages: int = 1):
+        rank = dist.get_rank()
+        self.chunk_ids = generation_chunks(lay, virtual_stages, coords(rank, lay)[0])
+        self.n_chunks = lay.p * virtual_stages
+        for ranks in hybrid_groups(lay).generation_pp if lay.p_g > 1 else []:  # every rank creates every group
+            group = dist.new_group(ranks)
+            if rank in ranks:
+                self.pp_group = group
         super().__init__(train_model, lay, build, device, resident=resident)
         self.owner = owner
         dims = {n: _shard_dim(p) for n, p in train_model.named_parameters()}
@@ -277,6 +332,16 @@ class StagedGenerationShards(GenerationShards):
         self.shard_dims: dict[str, Optional[int]] = {}
         for d in everyone:
             self.shard_dims.update(d)
+
+    def _build(self, build, mesh):
+        return build(mesh, self.chunk_ids)
+
+    def stage_chunks(self) -> dict[int, nn.Module]:
+        """This rank's generation chunks by training chunk index (what a pipeline decoder runs)."""
+        return dict(zip(self.chunk_ids, getattr(self.model, "chunks", [self.model])))
+
+    def chunk_stage(self, chunk: int) -> int:
+        return generation_stage(self.lay, chunk)
 
     def _pieces(self, name: str) -> list[int]:
         """The micro-DP members whose training shards make up this rank's generation shard of

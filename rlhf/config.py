@@ -72,6 +72,8 @@ class RLHFOptions(TaskOptions):
     # the 3D-HybridEngine: generate under tensor parallelism rollout_tp (dividing task.actor.tp) with
     # tp / rollout_tp times the data parallelism, resharding the actor's weights each iteration
     rollout_tp: int = bounded(0, ge=0, note="0 to generate in the actor's training layout")
+    # ... and with rollout_pp pipeline stages (1, or dividing task.actor.pp; needs rollout_tp)
+    rollout_pp: int = bounded(1, ge=1)
     # what generates: Plait's KV-cache engine, or package.module:Class (rlhf/rollout_engine.py's interface)
     rollout_engine: str = "plait"
     # optimisation (optim.* holds the optimizer; these are the per-role rates)

@@ -6,8 +6,9 @@ rollout, in this order, on every actor rank:
     engine.release()          give back what only generation needed (KV cache, generation copy)
 
 Plait's KV-cache engine (`plait`, the default) generates with the actor's own network, through the
-3D-HybridEngine's generation shards under `task.rollout_tp`, or stage to stage under pipeline
-parallelism. An external engine (vLLM, SGLang on GPUs) implements the same three calls: it reads
+3D-HybridEngine's generation shards under `task.rollout_tp` (stage to stage under
+`task.rollout_pp > 1`), or stage to stage in the training pipeline. An external engine (vLLM,
+SGLang on GPUs) implements the same three calls: it reads
 `actor.generation_weights()` (this rank's (name, tensor) pairs of the generation layout) in
 `load_weights`, and is chosen with `task.rollout_engine=package.module:Class`.
 """
@@ -71,11 +72,16 @@ class KVCacheEngine(RolloutEngine):
     def generate(self, prompts, prompt_mask, params: SamplingParams, generator) -> Batch:
         a = self.actor
         model, decoder, agree = a.model, None, None
-        if a.hybrid is not None:  # the generation layout: its tensor groups share their prompts
+        if a.hybrid is not None:  # the generation layout: its tensor and pipeline groups share their prompts
             model = a.hybrid.model
+            if a.hybrid.pp_group is not None:  # task.rollout_pp > 1: stage to stage
+                h = a.hybrid
+                decoder = PipelineDecoder.factory(h.stage_chunks(), h.n_chunks, h.pp_group, a.spec.model, a.device,
+                                                  owner=h.chunk_stage)
+                model = None
         else:
             if a.pipeline is not None:
-                decoder = PipelineDecoder.factory(a.pipeline, a.mesh["pp"].get_group(), a.spec.model, a.device)
+                decoder = PipelineDecoder.of_pipeline(a.pipeline, a.mesh["pp"].get_group(), a.spec.model, a.device)
             if a.info.dp_size > 1:  # the forward may gather across ranks holding other prompts (FSDP)
                 agree = dist.group.WORLD
         return sample(model, prompts.to(a.device), params.max_new_tokens, attention_mask=prompt_mask.to(a.device),

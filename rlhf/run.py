@@ -190,6 +190,8 @@ def drive(cfg: PlaitConfig, ray_address: str, nodes: int = 1) -> dict:
         groups = start_groups(cfg, o, roles, vocab, sizes)
         log.text(f"workers ready in {time.perf_counter() - start:.1f}s{placement_text(groups)}")
         log.text(resident_line(groups))
+        if o.rollout_tp:
+            log.text(hybrid_line(o))
         kl_ctrl = KL_CONTROLLERS.get(o.kl_ctrl)(*((o.kl_coef, o.kl_target, o.kl_horizon) if o.kl_ctrl == "adaptive"
                                                   else (o.kl_coef,)))
         driver = RLHFDriver(o, groups, vocab, loader, heldout, None if o.reward_model_from else resolve_reward(o.reward),
@@ -238,6 +240,14 @@ def placement_text(groups: dict[str, WorkerGroup]) -> str:
     if max(spans.values(), default=1) <= 1:
         return ""
     return "; " + ", ".join(f"{role} ×{groups[role].world_size} on {n} node{'s' * (n > 1)}" for role, n in spans.items())
+
+
+def hybrid_line(o: RLHFOptions) -> str:
+    """Where the 3D-HybridEngine takes the actor: its training and generation layouts."""
+    a, dims = o.actor, layout_dims(o.actor)
+    gen_dp = dims.world_size // (o.rollout_pp * o.rollout_tp)
+    return (f"actor trains under pp={a.pp} × tp={a.tp} × dp={dims.dp} and generates under pp={o.rollout_pp} × "
+            f"tp={o.rollout_tp} × dp={gen_dp} (3D-HybridEngine: weights resharded each iteration)")
 
 
 def resident_line(groups: dict[str, WorkerGroup]) -> str:

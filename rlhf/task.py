@@ -101,9 +101,17 @@ def check_rlhf(cfg: PlaitConfig, launcher_world: Optional[int]) -> int:
                                   f"{actor_world} ranks")
         elif a.tp % o.rollout_tp:
             raise ConfigError(f"task.rollout_tp={o.rollout_tp} must divide task.actor.tp={a.tp}")
-        elif a.dp_replicate > 1:
-            raise ConfigError(f"task.rollout_tp={o.rollout_tp} with task.actor.dp_replicate={a.dp_replicate}: "
-                              "not supported yet (use dp_shard)")
+        elif a.dp_replicate > 1 and a.dp_backend != "fsdp":
+            raise ConfigError(f"task.rollout_tp={o.rollout_tp} with task.actor.dp_replicate={a.dp_replicate} needs "
+                              f"task.actor.dp_backend=fsdp (got {a.dp_backend})")
+    if o.rollout_pp > 1:
+        if not o.rollout_tp or o.actor.pp % o.rollout_pp or o.actor.dp_shard > 1:
+            raise ConfigError(f"task.rollout_pp={o.rollout_pp} (generation pipeline stages) needs task.rollout_tp set "
+                              f"and must divide task.actor.pp={o.actor.pp} (without dp_shard; got "
+                              f"rollout_tp={o.rollout_tp}, dp_shard={o.actor.dp_shard})")
+        if o.rollout_engine != "plait":
+            raise ConfigError(f"task.rollout_engine={o.rollout_engine} with task.rollout_pp={o.rollout_pp}: an "
+                              "external engine reads whole-model weights; generate with task.rollout_pp=1")
     from rlhf.rollout_engine import resolve_engine
 
     resolve_engine(o.rollout_engine)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 
@@ -53,28 +53,31 @@ class ActorWorker(Worker):
             h = self.hybrid
             self.generation_info = WorkerInfo(self.spec.rank, h.dp_rank, h.dp_size, h.tp_rank == 0)
             return {"train": info, "generation": self.generation_info}
-        lay = HybridLayout(p=layout.pp, t=layout.tp, d=layout.dp_replicate * layout.dp_shard, t_g=o.rollout_tp)
-        if self.pipeline is None:
-            self.hybrid = GenerationShards(self.model, lay, self._generation_network, self.device, resident=True)
-        else:  # generation without stages: every rank receives the other stages' layers at its shard
+        lay = HybridLayout(p=layout.pp, t=layout.tp, d=layout.dp_replicate * layout.dp_shard, p_g=o.rollout_pp,
+                           t_g=o.rollout_tp)
+        if self.pipeline is None:  # FSDP2 replicas (dp_replicate) own their storage: copied, not aliased
+            self.hybrid = GenerationShards(self.model, lay, self._generation_network, self.device,
+                                           resident=layout.dp_replicate == 1)
+        else:  # every rank receives the layers of its generation stage (all of them: pp_g = 1) at its shard
             self.hybrid = StagedGenerationShards(self.parts[0], lay, self._generation_network, self.device,
                                                  pipeline_owner(self.spec.model.n_layers, layout.pp, layout.virtual_stages),
-                                                 resident=True)
+                                                 resident=True, virtual_stages=layout.virtual_stages)
         groups = hybrid_groups(lay)
         tp_rank = next(g.index(self.spec.rank) for g in groups.generation_tp if self.spec.rank in g)
+        stage = next(g.index(self.spec.rank) for g in groups.generation_pp if self.spec.rank in g)
         self.generation_info = WorkerInfo(self.spec.rank, groups.generation_dp_rank[self.spec.rank],
-                                          lay.d * lay.micro_dp, tp_rank == 0)
+                                          lay.d * lay.micro_dp, tp_rank == 0 and stage == lay.p_g - 1)
         return {"train": info, "generation": self.generation_info}
 
-    def _generation_network(self, tp_mesh):
-        from parallel.init import materialize
-        from parallel.tensor import apply_tp
+    def _generation_network(self, tp_mesh, chunks: Optional[list[int]] = None):
+        """The generation network under the tensor mesh: the whole model, or (task.rollout_pp > 1)
+        the training pipeline chunks `chunks` of this rank's generation stage."""
+        from parallel.hybrid_engine import generation_network
         from trainer.models import build_model
 
-        model = build_model(self.spec.model, device="meta")
-        if tp_mesh is not None:
-            apply_tp(model, tp_mesh)
-        return materialize(model, self.device, seed=self.spec.seed).requires_grad_(False)
+        n_chunks = self.spec.layout.pp * self.spec.layout.virtual_stages
+        return generation_network(build_model(self.spec.model, device="meta"), tp_mesh, chunks, n_chunks, self.device,
+                                  self.spec.seed).requires_grad_(False)
 
     def load_initial_weights(self) -> None:
         if self.spec.options.init_from:

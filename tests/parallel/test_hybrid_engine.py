@@ -168,30 +168,39 @@ def test_resident_shards_have_no_redundant_copy_and_keep_training(t, t_g):
         assert (out["tokens"] == ref).all()
 
 
-def staged_transition(p: int, t: int, t_g: int, v: int, resident: bool) -> dict:
-    """Training pp=p × tp=t (split into stages by parallelize) → generation without stages under tp_g;
-    then the training weights change in place and generation sees it (resident: through the aliases)."""
-    from parallel.hybrid_engine import StagedGenerationShards, pipeline_owner
+def staged_transition(p: int, t: int, t_g: int, v: int, resident: bool, p_g: int = 1, n_layers: int = 2) -> dict:
+    """Training pp=p × tp=t (split into stages by parallelize) → generation under (pp_g, tp_g); then
+    the training weights change in place and generation sees it (resident: through the aliases).
+    Greedy tokens are decoded here without generation stages only (rlhf's pipeline decoder runs them)."""
+    import dataclasses
+
+    import torch.distributed as dist
+
+    from parallel.hybrid_engine import StagedGenerationShards, generation_network, pipeline_owner
     from parallel.mesh import ParallelDims, build_mesh
     from parallel.parallelize import parallelize
     from trainer.config import ParallelConfig
     from trainer.models.loss import cross_entropy_loss
 
-    lay = HybridLayout(p=p, t=t, d=1, t_g=t_g)
+    cfg = dataclasses.replace(CFG, n_layers=n_layers)
+    lay = HybridLayout(p=p, t=t, d=1, p_g=p_g, t_g=t_g)
     layout = ParallelConfig(pp=p, tp=t, virtual_stages=v, microbatches=p,
                             schedule="interleaved_1f1b" if v > 1 else "1f1b")
     mesh = build_mesh(ParallelDims(pp=p, tp=t), "cpu")
-    _, parts, _ = parallelize(build_model(CFG, device="meta"), mesh, layout, loss_fn=cross_entropy_loss,
+    _, parts, _ = parallelize(build_model(cfg, device="meta"), mesh, layout, loss_fn=cross_entropy_loss,
                               device="cpu", seed=3)
-    engine = StagedGenerationShards(parts[0], lay, tp_model, torch.device("cpu"), pipeline_owner(CFG.n_layers, p, v),
-                                    resident=resident)
+    build = lambda tp_mesh, chunks: generation_network(build_model(cfg, device="meta"), tp_mesh, chunks, p * v,  # noqa: E731
+                                                       torch.device("cpu"), seed=5)
+    engine = StagedGenerationShards(parts[0], lay, build, torch.device("cpu"), pipeline_owner(n_layers, p, v),
+                                    resident=resident, virtual_stages=v)
     full = lambda x: x.full_tensor() if hasattr(x, "full_tensor") else x  # noqa: E731
     local = lambda x: x.to_local() if hasattr(x, "to_local") else x  # noqa: E731
     run = FullLogits(engine.model) if t_g > 1 else engine.model
-    out = {}
+    out = {"rank": dist.get_rank(), "chunks": engine.chunk_ids}
     for round_ in range(2):
         received = engine.to_generation()
-        out[f"tokens_{round_}"] = generate(run, torch.tensor([[1, 5, 9, 3]]), 6, temperature=0).numpy()
+        if p_g == 1:
+            out[f"tokens_{round_}"] = generate(run, torch.tensor([[1, 5, 9, 3]]), 6, temperature=0).numpy()
         out[f"weights_{round_}"] = {n: full(q.detach()).clone().numpy() for n, q in engine.model.named_parameters()}
         engine.release()
         with torch.no_grad():
@@ -205,18 +214,25 @@ def staged_transition(p: int, t: int, t_g: int, v: int, resident: bool) -> dict:
     return out
 
 
+def reference_weights(n_layers: int = 2) -> list[dict]:
+    """The whole model's weights (seed 3), before and after the test's in-place update."""
+    import dataclasses
+
+    model = build_model(dataclasses.replace(CFG, n_layers=n_layers), device="meta")
+    materialize(model, torch.device("cpu"), seed=3)
+    weights = [{n: q.detach().numpy().copy() for n, q in model.named_parameters()}]
+    with torch.no_grad():
+        for q in model.parameters():
+            q.add_(0.01 * torch.sign(q))
+    return weights + [{n: q.detach().numpy() for n, q in model.named_parameters()}]
+
+
 @pytest.mark.parametrize("p, t, t_g, v, resident", [(2, 2, 2, 1, False), (2, 1, 1, 1, False), (2, 2, 1, 2, False),
                                                     (2, 2, 2, 1, True), (2, 2, 1, 2, True)],
                          ids=["pp2xtp2-to-tp2", "pp2-to-tp1", "pp2xtp2-interleaved-to-tp1", "pp2xtp2-to-tp2-resident",
                               "pp2xtp2-interleaved-to-tp1-resident"])
 def test_pipeline_layout_to_generation_without_stages(p, t, t_g, v, resident):
-    ref_model = tp_model(None)
-    refs = reference_tokens()
-    weights = [{n: q.detach().numpy().copy() for n, q in ref_model.named_parameters()}]
-    with torch.no_grad():
-        for q in ref_model.parameters():
-            q.add_(0.01 * torch.sign(q))
-    weights.append({n: q.detach().numpy() for n, q in ref_model.named_parameters()})
+    refs, weights = reference_tokens(), reference_weights()
     for out in run_ranks(p * t, staged_transition, p, t, t_g, v, resident):
         for round_ in (0, 1):
             assert (out[f"tokens_{round_}"] == refs[round_]).all(), round_
@@ -225,6 +241,29 @@ def test_pipeline_layout_to_generation_without_stages(p, t, t_g, v, resident):
         assert out["received"] > 0
         if resident:  # one copy of everything: the generation shard holds this rank's training shard
             assert out["resident_bytes"] == out["generation_bytes"]
+
+
+@pytest.mark.parametrize("p, t, t_g, v, p_g", [(2, 2, 1, 1, 2), (4, 1, 1, 1, 2), (2, 2, 1, 2, 2), (4, 1, 1, 2, 2)],
+                         ids=["pp2xtp2-to-pp2", "pp4-to-pp2", "pp2xtp2-interleaved-to-pp2", "pp4-interleaved-to-pp2"])
+def test_pipeline_layout_to_generation_with_fewer_stages(p, t, t_g, v, p_g):
+    """Generation stage g holds the layers of training stages [g·p/p_g, (g+1)·p/p_g) whole
+    (interleaved: their chunks), equal to the whole model's, resident (no second copy); the stages
+    of a generation pipeline hold every layer once."""
+    n_layers = 8 if v > 1 and p == 4 else 4
+    weights = reference_weights(n_layers)
+    outs = run_ranks(p * t, staged_transition, p, t, t_g, v, True, p_g, n_layers)
+    for out in outs:
+        pp_i = coords(out["rank"], HybridLayout(p=p, t=t, d=1))[0]
+        s = p // p_g
+        assert all((c % p) // s == pp_i // s for c in out["chunks"]), out
+        for round_ in (0, 1):
+            held = out[f"weights_{round_}"]
+            assert held and all((held[n] == weights[round_][n]).all() for n in held), (out["rank"], round_)
+        assert out["received"] > 0
+        assert out["resident_bytes"] == out["generation_bytes"]
+    for pipeline in hybrid_groups(HybridLayout(p=p, t=t, d=1, p_g=p_g, t_g=t_g)).generation_pp:
+        names = [n for r in pipeline for n in outs[r]["weights_0"]]
+        assert sorted(names) == sorted(weights[0]), pipeline  # every weight once over the stages
 
 
 def fsdp_transition(dp_shard: int, t: int, t_g: int) -> dict:

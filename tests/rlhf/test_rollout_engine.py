@@ -16,7 +16,7 @@ from rlhf.workers import ActorWorker
 from rlhf.workers.base import WorkerSpec
 from rlhf_harness import metrics, rlhf_config, run_in_process
 from rlhf.batch import Batch
-from test_hybrid_rollout import MODEL, PROMPTS, generate_as_the_group_would, one_process, prompts
+from test_hybrid_rollout import MODEL, PROMPTS, generate_as_the_group_would, move_weights, one_process, prompts
 from trainer.config import ConfigError, OptimConfig, ParallelConfig
 from trainer.launch.forked import run_ranks
 from trainer.models import build_model
@@ -47,6 +47,7 @@ def test_an_engine_of_its_own_generates_what_plaits_does_on_one_process():
                       options=RLHFOptions(max_new_tokens=5, rollout_engine=ENGINE), seed=7, device="cpu")
     actor = ActorWorker(spec)
     actor.init_model()
+    move_weights(actor)
     out = actor.generate(prompts())["responses"].numpy()
     np.testing.assert_array_equal(out, one_process())
     assert actor.rollout_engine().model is None  # released
@@ -92,6 +93,7 @@ def fsdp_generate(eos_id: int, rows: list[list[str]]) -> dict:
                       master_port=int(os.environ["MASTER_PORT"]))
     actor = ActorWorker(spec)
     actor.init_model()
+    move_weights(actor)
     vocab = build_vocabulary(RLHFOptions().prompts)
     b = prompt_batch([{"prompt": p, "answer": ""} for p in rows[rank]], vocab)
     out = actor.generate(Batch(b.select("prompts", "prompt_mask").tensors, meta={"iteration": 2, "greedy": True}))
