@@ -46,6 +46,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from torch.distributed.tensor import DTensor, Shard  # noqa: E402
 
 from parallel.hybrid_engine import (GenerationCopy, GenerationShards, HybridLayout, StagedGenerationShards,  # noqa: E402
                                     _allocated, _local, _shard_dim, coords, gather_into, generation_chunks,
@@ -134,11 +135,11 @@ class FullModelGather(GenerationCopy):
         self.release()
 
     def _whole(self, param) -> torch.Tensor:
-        dim = _shard_dim(param)
-        if dim is None:
-            return param.detach()
-        if not self.engine:
+        if not isinstance(param, DTensor) or not any(isinstance(q, Shard) for q in param.placements):
+            return _local(param.detach())
+        if not self.engine:  # sharded over any mesh dimension (tp, FSDP's)
             return param.detach().full_tensor()
+        dim = _shard_dim(param)
         local = _local(param.detach())
         full = torch.empty(param.shape, dtype=local.dtype)
         gather_into(full, local, dim, self.tp_group, self.lay.t)
