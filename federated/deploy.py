@@ -5,8 +5,8 @@ each run gets its own FLWR_HOME under the run directory, so nothing is read from
 With `task.spawn_local=true` (the default) this process starts one SuperLink
 (`flower-superlink --insecure`) and `task.num_clients` SuperNodes (`flower-supernode --insecure
 --node-config 'partition-id=k num-partitions=K'`) on this machine, and stops them at the end. With
-`spawn_local=false` they run elsewhere (docs/federated.md has a Slurm recipe) and `task.superlink`
-names the SuperLink. The ServerApp (federated/flower_app.py `server_app`) runs Plait's server loop
+`spawn_local=false` they run elsewhere and `task.superlink` names the SuperLink; in a Slurm job of
+several nodes (`launcher=slurm launcher.nodes=N`) federated/cluster.py starts them across the nodes. The ServerApp (federated/flower_app.py `server_app`) runs Plait's server loop
 inside the SuperLink's `flwr-serverapp` process: it reads the config from the JSON file named by
 the run config `plait-config` and writes its summary next to it.
 """
@@ -86,6 +86,7 @@ class Processes:
 
     def __init__(self, root: Path, env: dict):
         self.root, self.env = root, env
+        root.mkdir(parents=True, exist_ok=True)
         self.procs: dict[str, subprocess.Popen] = {}
 
     def start(self, name: str, cmd: list[str]) -> subprocess.Popen:
@@ -109,42 +110,71 @@ class Processes:
                 os.killpg(proc.pid, signal.SIGKILL)
 
 
-def deploy(cfg: PlaitConfig) -> dict:
-    c = cfg.task
+def flower_env(cfg: PlaitConfig, home: Path) -> dict:
+    """The environment of Flower's processes: this run's FLWR_HOME, this interpreter's bin first."""
+    bin_dir = str(Path(sys.executable).parent)
+    return {**os.environ, "FLWR_HOME": str(home), "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}",
+            "OMP_NUM_THREADS": str(cfg.task.threads)}
+
+
+def start_superlink(procs: Processes, host: str, port: int, reach: str) -> None:
+    """`flower-superlink --insecure` on host:port, returning once it listens (reached at `reach`)."""
+    link = procs.start("superlink", [_bin("flower-superlink"), "--insecure", "--host", host, "--port", str(port),
+                                     "--disable-runtime-dependency-installation"])
+    wait_port(reach, port, 60, "flower-superlink", link)
+
+
+def start_supernodes(procs: Processes, superlink: str, clients, num_clients: int, port_of) -> None:
+    """One `flower-supernode` per client k (partition-id=k; its ClientApps served on port_of(k))."""
+    for k in clients:
+        procs.start(f"supernode{k}", [_bin("flower-supernode"), "--insecure", "--superlink", superlink,
+                                      "--node-config", f"partition-id={k} num-partitions={num_clients}",
+                                      "--port", str(port_of(k))])
+
+
+def _bin(name: str) -> str:
+    return str(Path(sys.executable).parent / name)
+
+
+def prepare(cfg: PlaitConfig, superlink: str) -> tuple[Path, Path, dict]:
+    """(the Flower app, the federation's JSON config, the processes' environment) under <run_dir>/flwr."""
     root = Path(cfg.run_dir) / "flwr"
     root.mkdir(parents=True, exist_ok=True)
-    app, home = write_app(root, c.superlink)
-    bin_dir = str(Path(sys.executable).parent)
-    env = {**os.environ, "FLWR_HOME": str(home), "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}",
-           "OMP_NUM_THREADS": str(c.threads)}
+    app, home = write_app(root, superlink)
     spec = root / "federation.json"
-    summary_path = root / "federation.summary.json"
-    summary_path.unlink(missing_ok=True)
+    (root / "federation.summary.json").unlink(missing_ok=True)
     spec.write_text(json.dumps({**as_dict(cfg), "run_dir": str(Path(cfg.run_dir).resolve())}))
+    return app, spec, flower_env(cfg, home)
+
+
+def run_app(app: Path, spec: Path, env: dict) -> dict:
+    """`flwr run` of Plait's app on the SuperLink that FLWR_HOME names: the server loop's summary."""
+    summary_path = spec.with_name("federation.summary.json")
+    run = subprocess.Popen([_bin("flwr"), "run", str(app), "plait", "--stream",
+                            "--run-config", f'plait-config="{spec.resolve()}"'],
+                           env=env, cwd=str(app), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in run.stdout:  # live: the ServerApp's own lines (Flower's INFO lines left out)
+        lines.append(line.rstrip("\n"))
+        if line.startswith(("plait", "round", "client", "planner", "modules", "checkpoint", "objective",
+                            "resumed", " ")) or "dropped" in line:
+            print(line, end="", flush=True)
+    status = run.wait()
+    if not summary_path.exists():
+        tail = "\n".join(lines[-30:])
+        raise RuntimeError(f"flwr run ended (status {status}) without Plait's summary; its output:\n{tail}")
+    return json.loads(summary_path.read_text())
+
+
+def deploy(cfg: PlaitConfig) -> dict:
+    c = cfg.task
+    app, spec, env = prepare(cfg, c.superlink)
     host, port = c.superlink.rsplit(":", 1)
-    procs = Processes(root, env)
+    procs = Processes(spec.parent, env)
     try:
         if c.spawn_local:
-            link = procs.start("superlink", [f"{bin_dir}/flower-superlink", "--insecure", "--host", host,
-                                             "--port", port, "--disable-runtime-dependency-installation"])
-            wait_port(host, int(port), 60, "flower-superlink", link)
-            for k in range(c.num_clients):
-                procs.start(f"supernode{k}", [f"{bin_dir}/flower-supernode", "--insecure", "--superlink", c.superlink,
-                                              "--node-config", f"partition-id={k} num-partitions={c.num_clients}",
-                                              "--port", str(c.supernode_port + k)])
-        run = subprocess.Popen([f"{bin_dir}/flwr", "run", str(app), "plait", "--stream",
-                                "--run-config", f'plait-config="{spec.resolve()}"'],
-                               env=env, cwd=str(app), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        lines = []
-        for line in run.stdout:  # live: the ServerApp's own lines (Flower's INFO lines left out)
-            lines.append(line.rstrip("\n"))
-            if line.startswith(("plait", "round", "client", "planner", "modules", "checkpoint", "objective",
-                                "resumed", " ")) or "dropped" in line:
-                print(line, end="", flush=True)
-        status = run.wait()
-        if not summary_path.exists():
-            tail = "\n".join(lines[-30:])
-            raise RuntimeError(f"flwr run ended (status {status}) without Plait's summary; its output:\n{tail}")
-        return json.loads(summary_path.read_text())
+            start_superlink(procs, host, int(port), host)
+            start_supernodes(procs, c.superlink, range(c.num_clients), c.num_clients, lambda k: c.supernode_port + k)
+        return run_app(app, spec, env)
     finally:
         procs.stop()

@@ -13,7 +13,7 @@ import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -239,7 +239,7 @@ def _watchdog(seconds: float, what: str) -> threading.Timer:
     return timer
 
 
-def run(cfg: PlaitConfig, env: DistEnv) -> dict:
+def run(cfg: PlaitConfig, env: DistEnv) -> Optional[dict]:
     c: FederatedConfig = cfg.task
     torch.set_num_threads(c.threads)
     if c.mode == "local":
@@ -251,6 +251,11 @@ def run(cfg: PlaitConfig, env: DistEnv) -> dict:
     try:
         if c.mode == "simulation":
             return _finish(cfg, simulate(cfg))
+        if env.world_size > 1:  # a Slurm job of several nodes: SuperLink on task 0, SuperNodes on every task
+            from federated.cluster import on_flower_cluster
+
+            summary = on_flower_cluster(cfg, env)
+            return _finish(cfg, summary) if summary is not None else None
         from federated.deploy import deploy
 
         return _finish(cfg, deploy(cfg))

@@ -15,12 +15,24 @@ FAULT_KINDS = ("raise", "exit", "hang")
 
 
 def check(cfg: PlaitConfig, launcher_world: Optional[int]) -> int:
-    """One process (it starts Ray or Flower itself); a registered strategy; client profiles, data,
+    """One process (it starts Ray or Flower itself), or under task.mode=deploy one task per node of a
+    Slurm job (federated/cluster.py); a registered strategy; client profiles, data,
     modules and faults that fit; a plan that fits every client's budgets (the planner runs here)."""
     c: FederatedConfig = cfg.task
-    if launcher_world not in (None, 1):
-        raise ConfigError(f"task=federated starts its own clients (Ray or Flower SuperNodes) but the launcher "
-                          f"started {launcher_world} ranks; start it once (plait task=federated ..., srun -n 1)")
+    world = 1
+    several = (cfg.launcher.name == "slurm" and cfg.launcher.nodes > 1) or (launcher_world or 1) > 1
+    if several and c.mode != "deploy":
+        raise ConfigError(f"task=federated starts its own clients, here task.mode={c.mode} on one machine, but the "
+                          f"launcher asks for {launcher_world or cfg.launcher.nodes} tasks; start it once (plait "
+                          "task=federated ..., srun -n 1), or use task.mode=deploy with launcher=slurm "
+                          "launcher.nodes=N (a SuperLink on the first node, SuperNodes on every node)")
+    if several:
+        from trainer.launch.nodes import one_task_per_node
+
+        world = one_task_per_node(cfg, launcher_world, "Flower SuperNodes")
+        if not c.spawn_local:
+            raise ConfigError(f"task.spawn_local=false names a running SuperLink (task.superlink={c.superlink}), "
+                              f"but a job of {world} nodes starts its own across them; drop one of them")
     from federated.aggregation import STRATEGIES
 
     STRATEGIES.get(c.strategy)
@@ -51,7 +63,7 @@ def check(cfg: PlaitConfig, launcher_world: Optional[int]) -> int:
     from federated.run import make_plan
 
     make_plan(cfg, lambda s: None)  # data partitions, target modules, the planner's feasibility
-    return 1
+    return world
 
 
 FAMILY = TaskFamily(name="federated", options=FederatedConfig, runners=("federated.run.run",),

@@ -11,7 +11,7 @@ from typing import Optional
 from rlhf.config import ROLES, RLHFOptions, RMOptions, SFTOptions
 from trainer.config import PlaitConfig
 from trainer.errors import ConfigError
-from trainer.launch.ray_cluster import one_task_per_node
+from trainer.launch.ray_cluster import check_ray_nodes
 from trainer.task import TaskFamily
 
 
@@ -67,7 +67,7 @@ def check_prompts(cfg: PlaitConfig, data, key: str, extra_tokens: int) -> None:
 def check_rlhf(cfg: PlaitConfig, launcher_world: Optional[int]) -> int:
     o: RLHFOptions = cfg.task
     # the driver (it starts the workers itself); in a Slurm job of N nodes, one task per node
-    world = one_task_per_node(cfg, launcher_world, o.backend, o.ray_address)
+    world = check_ray_nodes(cfg, launcher_world, o.backend, o.ray_address)
     from rlhf.run import active_roles
     from rlhf.sizes import derive_sizes
     from rlhf.workers.base import layout_dims

@@ -10,7 +10,8 @@ import pytest
 from plait_testing import needs_cluster, plait_process
 from rlhf_harness import SMALL, metrics, ray_session, rlhf_config, run_in_process  # noqa: F401 (fixture)
 from trainer.config import ConfigError
-from trainer.launch.ray_cluster import HEAD_PORT_BASE, HEAD_PORT_SPAN, head_port
+from trainer.launch.nodes import JOB_PORT_BASE, JOB_PORT_SPAN
+from trainer.launch.ray_cluster import head_port
 
 RUN = ["task=rlhf", "task.algorithm=grpo", "task.actor.tp=2", "task.rollout_tp=1", "task.iterations=2",
        "checkpoint.every=1"]
@@ -24,7 +25,7 @@ def ray_processes() -> set[int]:
 
 def test_the_head_port_sits_between_rays_worker_ports_and_the_ephemeral_range():
     ports = {head_port(p) for p in range(15000, 32000)}
-    assert min(ports) == HEAD_PORT_BASE > 19999 and max(ports) == HEAD_PORT_BASE + HEAD_PORT_SPAN - 1 < 32768
+    assert min(ports) == JOB_PORT_BASE > 19999 and max(ports) == JOB_PORT_BASE + JOB_PORT_SPAN - 1 < 32768
 
 
 @pytest.mark.parametrize("overrides, words", [

@@ -13,41 +13,23 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Optional, TypeVar
 
 from trainer.errors import ConfigError
 from trainer.launch.forked import free_port
+from trainer.launch.nodes import job_port, one_task_per_node, release_services, share_head, wait_for_controller
 from trainer.launch.slurm import tail
 
 T = TypeVar("T")
-# Ray's workers take ports 10002-19999 by default and Linux's ephemeral range starts at 32768:
-# the head's GCS port lives between them, one per job (derived from MASTER_PORT, like it).
-HEAD_PORT_BASE, HEAD_PORT_SPAN = 20000, 9000
 NODES_TIMEOUT_S = 300.0  # how long the driver waits for every node to join
-LONG_WAIT = timedelta(days=365)  # worker tasks wait on the driver for the whole run
+head_port = job_port  # the Ray head's GCS port: one per job, between Ray's worker ports and the ephemeral range
 
 
-def head_port(master_port: int) -> int:
-    """20000 + MASTER_PORT mod 9000: the same in every task, different for concurrent jobs."""
-    return HEAD_PORT_BASE + master_port % HEAD_PORT_SPAN
-
-
-def one_task_per_node(cfg, launcher_world: Optional[int], backend: str, address: str) -> int:
-    """The world size of a controller family: the nodes of a Slurm job (one task each, a Ray node
-    each), or one process anywhere else."""
-    nodes = cfg.launcher.nodes if cfg.launcher.name == "slurm" else (launcher_world or 1)
-    if cfg.launcher.name == "slurm" and cfg.launcher.tasks_per_node not in (0, 1):
-        raise ConfigError(f"task={cfg.task.name} runs one task per node (each one a Ray node; Ray places the "
-                          f"workers), but launcher.tasks_per_node={cfg.launcher.tasks_per_node}; leave it at 0")
-    if launcher_world not in (None, nodes):
-        raise ConfigError(f"task={cfg.task.name} runs one task per node, but the launcher started "
-                          f"{launcher_world} tasks on {nodes} node(s); start it once per node "
-                          "(srun --ntasks-per-node=1, or launcher=slurm launcher.nodes=N)")
-    if launcher_world and launcher_world > 1 and _step_nodes() not in (None, launcher_world):
-        raise ConfigError(f"task={cfg.task.name} runs one task per node, but this step has {launcher_world} "
-                          f"tasks on {_step_nodes()} node(s): use srun --ntasks-per-node=1")
+def check_ray_nodes(cfg, launcher_world: Optional[int], backend: str, address: str) -> int:
+    """The world size of a Ray-driver family (one process, or one task per node of a Slurm job,
+    each a Ray node): `one_task_per_node`, and a Ray cluster of the job's own."""
+    nodes = one_task_per_node(cfg, launcher_world, "a Ray node; Ray places the workers")
     if nodes > 1 and backend != "ray":
         raise ConfigError(f"task={cfg.task.name} on {nodes} nodes needs task.backend=ray (a Ray cluster across "
                           f"them), not task.backend={backend}")
@@ -55,11 +37,6 @@ def one_task_per_node(cfg, launcher_world: Optional[int], backend: str, address:
         raise ConfigError(f"task.ray_address={address} names an existing cluster, but the job starts its own on "
                           f"its {nodes} nodes; drop one of them")
     return nodes
-
-
-def _step_nodes() -> Optional[int]:
-    value = os.environ.get("SLURM_STEP_NUM_NODES") or os.environ.get("SLURM_NNODES")
-    return int(value) if value else None
 
 
 def node_resources() -> tuple[int, int]:
@@ -152,61 +129,41 @@ def wait_for_nodes(count: int, timeout: float = NODES_TIMEOUT_S) -> list[dict]:
 
 def on_ray_cluster(env, run_dir: str, driver: Callable[[str], T]) -> Optional[T]:
     """Run `driver(address)` on task 0 against a Ray cluster of every task's node; None elsewhere.
-    The driver connects (`ray.init(address=...)`) and waits for the nodes (`wait_for_nodes`).
-
-    The tasks' process group only carries the head's address: it is then taken down, so the driver
-    runs as the single process it is (its checkpoints and preemption checks agree with nobody).
-    The worker tasks wait on a TCPStore key instead, so a long run never trips a collective timeout.
-    """
-    import torch.distributed as dist
-
+    The driver connects (`ray.init(address=...)`) and waits for the nodes (`wait_for_nodes`);
+    trainer/launch/nodes.py carries the head's address and keeps the other tasks until it is done."""
     from ray._private.services import get_node_ip_address
 
     port = head_port(int(os.environ.get("MASTER_PORT", "0")))
     log = Path(run_dir) / "ray" / f"node-{env.rank}.log"
-    proc, store, box, address = None, None, [None], None
+    ip, procs = get_node_ip_address(), []
+
+    def start_head() -> str:
+        procs.append(start_node(None, port, log))
+        _head_up(procs[0], ip, port, log)
+        return f"{ip}:{port}"
+
+    address = None
     try:
-        if env.rank == 0:
-            ip = get_node_ip_address()
-            proc = start_node(None, port, log)
-            _head_up(proc, ip, port, log)
-            store = dist.TCPStore(ip, 0, is_master=True, timeout=LONG_WAIT, wait_for_workers=False)
-            address = f"{ip}:{port}"
-            box = [(address, ip, store.port)]
-        dist.broadcast_object_list(box, src=0)
-        address, store_ip, store_port = box[0]
-        dist.destroy_process_group()
+        address, store = share_head(env, start_head, ip)
         if env.rank == 0:
             try:
                 return driver(address)
             finally:
-                _release_workers(store, env.world_size - 1)
-        store = dist.TCPStore(store_ip, store_port, is_master=False, timeout=LONG_WAIT)
-        proc = start_node(address, port, log)
+                release_services(store, env.world_size - 1)
+        procs.append(start_node(address, port, log))
         print(f"plait: Ray node {env.rank} on {socket.gethostname()} joined {address}; waiting for the driver",
               flush=True)
-        _wait_for_driver(store, proc, log)
+        wait_for_controller(store, lambda: _node_alive(procs[0], log))
         return None
     finally:
-        if proc is not None:
+        for proc in procs:
             stop_node(proc, address if env.rank == 0 else None)
 
 
-def _release_workers(store, workers: int, timeout: float = 120.0) -> None:
-    """Tell the worker tasks the driver is done; wait until each has read it (the store lives here)."""
-    store.set("done", "1")
-    deadline = time.monotonic() + timeout
-    while store.add("left", 0) < workers and time.monotonic() < deadline:
-        time.sleep(0.2)
-
-
-def _wait_for_driver(store, proc: subprocess.Popen, log: Path) -> None:
-    while not store.check(["done"]):
-        if proc.poll() is not None:
-            raise RuntimeError(f"this task's Ray node exited with {proc.returncode} before the driver finished; "
-                               f"{log}:\n{tail(log, 15).rstrip()}")
-        time.sleep(1.0)
-    store.add("left", 1)
+def _node_alive(proc: subprocess.Popen, log: Path) -> None:
+    if proc.poll() is not None:
+        raise RuntimeError(f"this task's Ray node exited with {proc.returncode} before the driver finished; "
+                           f"{log}:\n{tail(log, 15).rstrip()}")
 
 
 def cluster_line(alive: list[dict]) -> str:
