@@ -242,7 +242,7 @@ def measure(p: int, t: int, d: int, t_g: int, p_g: int, cfg: ModelConfig, rounds
 def measure_fsdp(n: int, t_g: int, cfg: ModelConfig, rounds: int) -> dict:
     """FSDP2 over n ranks → tp_g: Plait's GatheredGenerationShards (each rank receives only the
     parts of its generation shard others hold) against the naive whole-model gather."""
-    from parallel.hybrid_engine import GatheredGenerationShards
+    from parallel.hybrid_fsdp import GatheredGenerationShards
     from parallel.parallelize import parallelize
     from trainer.config import ParallelConfig
 

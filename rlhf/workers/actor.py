@@ -43,8 +43,9 @@ class ActorWorker(Worker):
         o = self.spec.options
         if self.role != "actor" or not o.rollout_tp:
             return info
-        from parallel.hybrid_engine import (GatheredGenerationShards, GenerationShards, HybridLayout,
-                                            StagedGenerationShards, hybrid_groups, pipeline_owner)
+        from parallel.hybrid_engine import (GenerationShards, HybridLayout, StagedGenerationShards, hybrid_groups,
+                                            pipeline_owner)
+        from parallel.hybrid_fsdp import GatheredGenerationShards
 
         layout = self.spec.layout
         if layout.dp_shard > 1:  # FSDP-sharded: weight by weight, each rank receives what its generation shard lacks
