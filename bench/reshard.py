@@ -168,6 +168,11 @@ class FullModelGather(GenerationCopy):
 # --- one rank -------------------------------------------------------------------------------------
 
 
+def whole_shapes(cfg: ModelConfig) -> dict:
+    """Every weight of the whole model: name → shape (what the naive path gathers)."""
+    return {name: q.shape for name, q in build_model(cfg, device="meta").named_parameters()}
+
+
 def network(cfg: ModelConfig, n_chunks: int = 1):
     def build(mesh, chunks=None):  # the whole model, or training pipeline chunks `chunks` of n_chunks
         model = build_model(cfg, device="meta")
@@ -198,7 +203,7 @@ def engines(lay: HybridLayout, cfg: ModelConfig) -> tuple[dict, int]:
         plait = GenerationShards(train, lay, build, torch.device("cpu"), resident=True)
     else:
         plait = StagedGenerationShards(train, lay, build, torch.device("cpu"), owner, resident=True)
-    shapes = {n: q.shape for n, q in build_model(cfg, device="meta").named_parameters()}
+    shapes = whole_shapes(cfg)
     return {"plait": plait,
             "naive": FullModelGather(train, lay, build, owner, tp_group, pp_group, False, shapes),
             "hybridflow_v": FullModelGather(train, lay, build, owner, tp_group, pp_group, True, shapes)}, train
@@ -252,9 +257,8 @@ def measure_fsdp(n: int, t_g: int, cfg: ModelConfig, rounds: int) -> dict:
     _, parts, _ = parallelize(build_model(cfg, device="meta"), mesh, ParallelConfig(dp_shard=n), device="cpu", seed=0)
     build = network(cfg)
     plait = GatheredGenerationShards(parts[0], n, t_g, build, torch.device("cpu"))
-    shapes = {name: q.shape for name, q in build_model(cfg, device="meta").named_parameters()}
     naive = FullModelGather(parts[0], HybridLayout(p=1, t=n, d=1, t_g=t_g), build, lambda name: 0, None, None, False,
-                            shapes)
+                            whole_shapes(cfg))
     methods = {"plait": plait, "naive": naive}
     out = {m: {"seconds": [], "bytes": [], "peak": [], "held": 0} for m in methods}
     for m, engine in methods.items():

@@ -28,7 +28,7 @@ def on_flower_cluster(cfg: PlaitConfig, env) -> Optional[dict]:
     port = job_port(int(os.environ.get("MASTER_PORT", "0")))
     host = os.environ.get("MASTER_ADDR") or socket.gethostbyname(socket.gethostname())  # task 0, as the others reach it
     root = Path(cfg.run_dir) / "flwr"
-    procs = Processes(root / f"node-{env.rank}", flower_env(cfg, root / "flwr_home"))
+    procs = Processes(root / f"node-{env.rank}", flower_env(cfg, root))
     served = clients_of(env.rank, env.world_size, c.num_clients)
     prepared = []
 
@@ -43,9 +43,9 @@ def on_flower_cluster(cfg: PlaitConfig, env) -> Optional[dict]:
         if env.rank == 0:
             print(f"plait: Flower SuperLink on {superlink}; {env.world_size} nodes host the SuperNodes of "
                   f"{c.num_clients} clients", flush=True)
-            app, spec, run_env = prepared
+            app, spec = prepared
             try:
-                return run_app(app, spec, run_env)
+                return run_app(app, spec, procs.env)
             finally:
                 release_services(store, env.world_size - 1)
         print(f"plait: node {env.rank} on {socket.gethostname()} hosts the SuperNodes of clients {served}; "

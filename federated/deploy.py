@@ -6,9 +6,10 @@ With `task.spawn_local=true` (the default) this process starts one SuperLink
 (`flower-superlink --insecure`) and `task.num_clients` SuperNodes (`flower-supernode --insecure
 --node-config 'partition-id=k num-partitions=K'`) on this machine, and stops them at the end. With
 `spawn_local=false` they run elsewhere and `task.superlink` names the SuperLink; in a Slurm job of
-several nodes (`launcher=slurm launcher.nodes=N`) federated/cluster.py starts them across the nodes. The ServerApp (federated/flower_app.py `server_app`) runs Plait's server loop
-inside the SuperLink's `flwr-serverapp` process: it reads the config from the JSON file named by
-the run config `plait-config` and writes its summary next to it.
+several nodes (`launcher=slurm launcher.nodes=N`) federated/cluster.py starts them across the
+nodes. The ServerApp (federated/flower_app.py `server_app`) runs Plait's server loop inside the
+SuperLink's `flwr-serverapp` process: it reads the config from the JSON file named by the run
+config `plait-config` and writes its summary next to it.
 """
 
 from __future__ import annotations
@@ -58,14 +59,20 @@ insecure = true
 """
 
 
-def write_app(root: Path, superlink: str) -> tuple[Path, Path]:
-    """(the Flower app directory, FLWR_HOME): pyproject.toml naming Plait's apps, config.toml naming the SuperLink."""
-    app, home = root / "flwr_app", root / "flwr_home"
+def flwr_home(root: Path) -> Path:
+    """This run's FLWR_HOME: its config.toml names the SuperLink (flwr ≥ 1.26 reads nothing else)."""
+    return root / "flwr_home"
+
+
+def write_app(root: Path, superlink: str) -> Path:
+    """The Flower app directory (pyproject.toml naming Plait's apps) and FLWR_HOME's config.toml
+    naming the SuperLink."""
+    app, home = root / "flwr_app", flwr_home(root)
     app.mkdir(parents=True, exist_ok=True)
     home.mkdir(parents=True, exist_ok=True)
     (app / "pyproject.toml").write_text(APP_TOML)
     (home / "config.toml").write_text(FLOWER_CONFIG.format(address=superlink))
-    return app, home
+    return app
 
 
 def wait_port(host: str, port: int, seconds: float, what: str, proc: subprocess.Popen | None = None) -> None:
@@ -110,10 +117,12 @@ class Processes:
                 os.killpg(proc.pid, signal.SIGKILL)
 
 
-def flower_env(cfg: PlaitConfig, home: Path) -> dict:
+BIN_DIR = Path(sys.executable).parent  # flower-superlink, flower-supernode and flwr beside this interpreter
+
+
+def flower_env(cfg: PlaitConfig, root: Path) -> dict:
     """The environment of Flower's processes: this run's FLWR_HOME, this interpreter's bin first."""
-    bin_dir = str(Path(sys.executable).parent)
-    return {**os.environ, "FLWR_HOME": str(home), "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}",
+    return {**os.environ, "FLWR_HOME": str(flwr_home(root)), "PATH": f"{BIN_DIR}:{os.environ.get('PATH', '')}",
             "OMP_NUM_THREADS": str(cfg.task.threads)}
 
 
@@ -133,18 +142,18 @@ def start_supernodes(procs: Processes, superlink: str, clients, num_clients: int
 
 
 def _bin(name: str) -> str:
-    return str(Path(sys.executable).parent / name)
+    return str(BIN_DIR / name)
 
 
-def prepare(cfg: PlaitConfig, superlink: str) -> tuple[Path, Path, dict]:
-    """(the Flower app, the federation's JSON config, the processes' environment) under <run_dir>/flwr."""
+def prepare(cfg: PlaitConfig, superlink: str) -> tuple[Path, Path]:
+    """(the Flower app, the federation's JSON config) under <run_dir>/flwr."""
     root = Path(cfg.run_dir) / "flwr"
     root.mkdir(parents=True, exist_ok=True)
-    app, home = write_app(root, superlink)
+    app = write_app(root, superlink)
     spec = root / "federation.json"
     (root / "federation.summary.json").unlink(missing_ok=True)
     spec.write_text(json.dumps({**as_dict(cfg), "run_dir": str(Path(cfg.run_dir).resolve())}))
-    return app, spec, flower_env(cfg, home)
+    return app, spec
 
 
 def run_app(app: Path, spec: Path, env: dict) -> dict:
@@ -168,8 +177,9 @@ def run_app(app: Path, spec: Path, env: dict) -> dict:
 
 def deploy(cfg: PlaitConfig) -> dict:
     c = cfg.task
-    app, spec, env = prepare(cfg, c.superlink)
+    app, spec = prepare(cfg, c.superlink)
     host, port = c.superlink.rsplit(":", 1)
+    env = flower_env(cfg, spec.parent)
     procs = Processes(spec.parent, env)
     try:
         if c.spawn_local:

@@ -23,7 +23,6 @@ from trainer.launch.slurm import tail
 
 T = TypeVar("T")
 NODES_TIMEOUT_S = 300.0  # how long the driver waits for every node to join
-head_port = job_port  # the Ray head's GCS port: one per job, between Ray's worker ports and the ephemeral range
 
 
 def check_ray_nodes(cfg, launcher_world: Optional[int], backend: str, address: str) -> int:
@@ -133,7 +132,7 @@ def on_ray_cluster(env, run_dir: str, driver: Callable[[str], T]) -> Optional[T]
     trainer/launch/nodes.py carries the head's address and keeps the other tasks until it is done."""
     from ray._private.services import get_node_ip_address
 
-    port = head_port(int(os.environ.get("MASTER_PORT", "0")))
+    port = job_port(int(os.environ.get("MASTER_PORT", "0")))  # the head's GCS port, one per job
     log = Path(run_dir) / "ray" / f"node-{env.rank}.log"
     ip, procs = get_node_ip_address(), []
 
